@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO   := demo-output
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test bench-recbole clean
 
 venv: $(STAMP)
 
@@ -23,6 +23,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# RecBole's NeuMF on an ETL output, the reference figure for benchmarks/train.py.
+bench-recbole: requirements/recbole.txt
+	test -x .venv-recbole/bin/python || $(PYTHON) -m venv .venv-recbole
+	.venv-recbole/bin/python -m pip install --quiet "pip<26.3" -r requirements/recbole.txt
+	.venv-recbole/bin/python benchmarks/recbole_baseline.py --data $(DATA)
 
 clean:
 	rm -rf $(DEMO)
