@@ -64,8 +64,10 @@ def main(argv=None) -> int:
     from recbole.trainer import Trainer
 
     torch.set_num_threads(args.threads)
+    etl_dir = args.data.resolve()
     with tempfile.TemporaryDirectory() as tmp:
-        write_atomic_files(args.data, Path(tmp))
+        os.chdir(tmp)  # RecBole writes log/ and log_tensorboard/ into the working directory
+        write_atomic_files(etl_dir, Path(tmp))
         config = Config(
             model="NeuMF",
             dataset="ours",
