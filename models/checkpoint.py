@@ -1,0 +1,78 @@
+"""Checkpoints: written atomically, validated on load, carrying everything --resume needs
+(model, optimizer, AMP scaler, epoch, early-stopping state, history and RNG states)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.errors import TrainingError
+from models.registry import build_model
+
+FORMAT = "merlin-ncf-checkpoint/1"
+
+
+def save_atomic(obj, path: Path) -> None:
+    """torch.save to a temporary file beside `path`, then rename over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # Stored as tensors and plain ints so that torch.load(weights_only=True) accepts it.
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": random.getstate(),
+    }
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    random.setstate(state["python"])
+
+
+def load(path: str | Path) -> dict:
+    """Read and sanity-check a checkpoint, raising TrainingError on anything unusable."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrainingError(f"checkpoint {path} not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, OSError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise TrainingError(f"checkpoint {path} is corrupt or not a checkpoint: {first}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise TrainingError(f"{path} is not a {FORMAT} checkpoint")
+    return state
+
+
+def model_from(state: dict, path: str | Path = "checkpoint") -> torch.nn.Module:
+    """Rebuild the checkpoint's model and load its weights."""
+    try:
+        model = build_model(state["model"]["name"], state["model"]["config"])
+        model.load_state_dict(state["model"]["state"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise TrainingError(f"checkpoint {path} does not fit its model: {first}") from None
+    return model

@@ -1,0 +1,8 @@
+"""The exception for expected user errors in training (bad data, options or checkpoints).
+
+Commands print its message as one line and exit with workflows.errors.EXIT_USER_ERROR.
+"""
+
+
+class TrainingError(Exception):
+    """An expected failure caused by the input, the options or the environment."""

@@ -1,0 +1,120 @@
+"""NeuMF (He et al., 2017): GMF and MLP branches over separate embeddings, fused by a final layer.
+
+Dropout in the MLP follows NVIDIA DeepLearningExamples' PyTorch NCF. `variant` picks the
+full model or one branch alone (GMF-only, MLP-only), which the paper pre-trains and then
+combines with `NeuMF.from_pretrained`.
+
+forward(user [B], item [B] or [B, K]) returns logits [B] or [B, K]. With [B, K] candidates
+the user's embeddings and the user half of the first MLP layer are computed once per row,
+not once per candidate: the 1 positive + N negatives of a training row, or the 1 + K
+candidates of an evaluation list, share their user.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from models.layers import ByteDropout, mlp_tower
+
+VARIANTS = ("neumf", "gmf", "mlp")
+
+
+class NeuMF(nn.Module):
+    def __init__(
+        self,
+        nb_users: int,
+        nb_items: int,
+        mf_dim: int = 64,
+        mlp_layers: tuple[int, ...] | list[int] = (256, 256, 128, 64),
+        dropout: float = 0.5,
+        variant: str = "neumf",
+    ):
+        super().__init__()
+        mlp_layers = [int(w) for w in mlp_layers]
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        if nb_users < 1 or nb_items < 1:
+            raise ValueError("nb_users and nb_items must be positive")
+        self.use_gmf = variant in ("neumf", "gmf")
+        self.use_mlp = variant in ("neumf", "mlp")
+        if self.use_mlp and (len(mlp_layers) < 2 or mlp_layers[0] % 2):
+            raise ValueError("mlp_layers needs an even input width (user + item embeddings) and >= 1 layer")
+        self.config = dict(
+            nb_users=int(nb_users), nb_items=int(nb_items), mf_dim=int(mf_dim),
+            mlp_layers=mlp_layers, dropout=float(dropout), variant=variant,
+        )
+        out_features = 0
+        if self.use_gmf:
+            self.gmf_user = nn.Embedding(nb_users, mf_dim)
+            self.gmf_item = nn.Embedding(nb_items, mf_dim)
+            out_features += mf_dim
+        if self.use_mlp:
+            half = mlp_layers[0] // 2
+            self.mlp_user = nn.Embedding(nb_users, half)
+            self.mlp_item = nn.Embedding(nb_items, half)
+            # The first layer's weight is applied in two halves (user, item) in forward().
+            self.mlp_first = nn.Linear(mlp_layers[0], mlp_layers[1])
+            self.mlp_first_act = nn.Sequential(nn.ReLU(), ByteDropout(dropout))
+            self.mlp_rest = mlp_tower(mlp_layers[1], mlp_layers[2:], dropout)
+            out_features += mlp_layers[-1]
+        self.final = nn.Linear(out_features, 1)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The paper's initialisation: N(0, 0.01) embeddings, Glorot-uniform MLP layers,
+        LeCun-uniform output layer, zero biases (its Keras code's defaults)."""
+        for module in self.modules():
+            if isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, 0.01)
+            elif isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        limit = math.sqrt(3.0 / self.final.in_features)
+        nn.init.uniform_(self.final.weight, -limit, limit)
+
+    def forward(self, user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
+        flat = item.dim() == 1
+        if flat:
+            item = item.unsqueeze(1)
+        branches = []
+        if self.use_gmf:
+            branches.append(self.gmf_user(user).unsqueeze(1) * self.gmf_item(item))
+        if self.use_mlp:
+            half = self.mlp_user.embedding_dim
+            weight = self.mlp_first.weight
+            user_part = F.linear(self.mlp_user(user), weight[:, :half])
+            item_part = F.linear(self.mlp_item(item), weight[:, half:], self.mlp_first.bias)
+            hidden = self.mlp_first_act(user_part.unsqueeze(1) + item_part)
+            branches.append(self.mlp_rest(hidden))
+        features = branches[0] if len(branches) == 1 else torch.cat(branches, dim=-1)
+        logits = self.final(features).squeeze(-1)
+        return logits.squeeze(1) if flat else logits
+
+    @classmethod
+    def from_pretrained(cls, gmf: "NeuMF", mlp: "NeuMF", alpha: float = 0.5, dropout: float | None = None) -> "NeuMF":
+        """NeuMF initialised from a trained GMF-only and MLP-only model (the paper's
+        pre-training). The output layer concatenates alpha * GMF's and (1 - alpha) * MLP's,
+        so the new model's logit is alpha * gmf_logit + (1 - alpha) * mlp_logit."""
+        if gmf.config["variant"] != "gmf" or mlp.config["variant"] != "mlp":
+            raise ValueError("from_pretrained needs a GMF-only and an MLP-only model")
+        for key in ("nb_users", "nb_items"):
+            if gmf.config[key] != mlp.config[key]:
+                raise ValueError(f"GMF and MLP disagree on {key}: {gmf.config[key]} vs {mlp.config[key]}")
+        model = cls(
+            gmf.config["nb_users"], gmf.config["nb_items"], mf_dim=gmf.config["mf_dim"],
+            mlp_layers=mlp.config["mlp_layers"],
+            dropout=mlp.config["dropout"] if dropout is None else dropout,
+        )
+        own = model.state_dict()
+        for source in (gmf, mlp):
+            for name, tensor in source.state_dict().items():
+                if not name.startswith("final."):
+                    own[name] = tensor.clone()
+        own["final.weight"] = torch.cat([alpha * gmf.final.weight, (1 - alpha) * mlp.final.weight], dim=1).detach()
+        own["final.bias"] = (alpha * gmf.final.bias + (1 - alpha) * mlp.final.bias).detach()
+        model.load_state_dict(own)
+        return model

@@ -1,0 +1,294 @@
+"""Train NeuMF (or its GMF / MLP branch) on an ETL output directory.
+
+    python models/train_ncf.py --data ETL_DIR --output RUN_DIR
+    torchrun --nproc_per_node 2 models/train_ncf.py --data ETL_DIR --output RUN_DIR
+    python models/train_ncf.py --data ETL_DIR --output RUN_DIR --mode test
+
+Writes RUN_DIR/checkpoints/{best,last}.pt, model.ts, config.json, log.jsonl and
+training.png (docs/pipeline.md), and prints the final HR@K / NDCG@K.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import asdict, fields
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from models.errors import TrainingError
+from workflows.errors import EXIT_USER_ERROR, one_line
+
+PROG = "train_ncf.py"
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not usage + message
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    return 0 if text.strip() == "0" else positive_int(text)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = Parser(prog=PROG, description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    io = p.add_argument_group("input and output")
+    io.add_argument("--data", required=True, type=Path, help="ETL output directory (holds feature_spec.yaml)")
+    io.add_argument("--output", type=Path, help="run directory to write (required unless --mode test --checkpoint)")
+    io.add_argument("--mode", choices=("train", "test"), default="train",
+                    help="train, or only evaluate a checkpoint on the test lists")
+    io.add_argument("--checkpoint", type=Path,
+                    help="checkpoint for --mode test (default: OUTPUT/checkpoints/best.pt)")
+    io.add_argument("--resume", action="store_true", help="continue the run in OUTPUT from checkpoints/last.pt")
+    io.add_argument("--force", action="store_true", help="start over in an OUTPUT that already holds a run")
+
+    model = p.add_argument_group("model")
+    model.add_argument("--variant", choices=("neumf", "gmf", "mlp"), default="neumf",
+                       help="the full NeuMF, or its GMF-only / MLP-only branch (for pre-training)")
+    model.add_argument("--factors", type=positive_int, default=64, help="GMF embedding size")
+    model.add_argument("--mlp-layers", type=positive_int, nargs="+", default=[256, 256, 128, 64],
+                       help="MLP widths, the first being user + item embedding sizes (NVIDIA's notation)")
+    model.add_argument("--dropout", type=float, default=0.5, help="dropout after each MLP layer")
+    model.add_argument("--pretrained-gmf", type=Path, help="GMF-only checkpoint to initialise NeuMF from")
+    model.add_argument("--pretrained-mlp", type=Path, help="MLP-only checkpoint to initialise NeuMF from")
+    model.add_argument("--alpha", type=float, default=0.5, help="weight of GMF's output layer with pre-training")
+
+    train = p.add_argument_group("training")
+    train.add_argument("--epochs", type=positive_int, default=20, help="maximum epochs")
+    train.add_argument("--batch-size", type=positive_int, default=2**20,
+                       help="samples (positives + their negatives) per optimizer step, summed over processes")
+    train.add_argument("--negatives", type=positive_int, default=4, help="negatives sampled per positive")
+    train.add_argument("--lr", type=float, default=0.0045, help="Adam learning rate")
+    train.add_argument("--beta1", type=float, default=0.25, help="Adam beta1")
+    train.add_argument("--beta2", type=float, default=0.5, help="Adam beta2")
+    train.add_argument("--eps", type=float, default=1e-8, help="Adam epsilon")
+    train.add_argument("--grad-accumulation", type=positive_int, default=1,
+                       help="micro-batches per optimizer step (batch size is split between them)")
+    train.add_argument("--amp", action="store_true",
+                       help="mixed precision: fp16 autocast + GradScaler on CUDA, bf16 autocast on CPU")
+    train.add_argument("--seed", type=int, default=0, help="seeds data order, negatives, dropout and init")
+    train.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train")
+    train.add_argument("--threads", type=non_negative_int, default=0,
+                       help="torch CPU threads per process (0: cores / processes on this node)")
+    train.add_argument("--parts-per-chunk", type=positive_int, default=1,
+                       help="parquet partitions the Loader concatenates and shuffles together")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.add_argument("--stop-after-steps", type=non_negative_int, default=0,
+                       help="testing aid: kill the process (SIGKILL) after this many optimizer steps")
+
+    evaluation = p.add_argument_group("evaluation and early stopping")
+    evaluation.add_argument("--topk", type=positive_int, default=10, help="K of HR@K and NDCG@K")
+    evaluation.add_argument("--threshold", type=float, default=1.0, help="stop once HR@K reaches this")
+    evaluation.add_argument("--patience", type=non_negative_int, default=0,
+                            help="stop after this many epochs without a better HR@K (0: never)")
+    evaluation.add_argument("--eval-batch-size", type=positive_int, default=2**20,
+                            help="candidates scored per forward pass")
+    args = p.parse_args(argv)
+    check_combinations(args, p)
+    return args
+
+
+def check_combinations(args: argparse.Namespace, p: Parser) -> None:
+    """Option combinations that cannot work, refused before anything is read or written."""
+    if args.mode == "test":
+        if args.resume or args.force:
+            p.error("--resume/--force train; --mode test only evaluates a checkpoint")
+        if args.checkpoint is None and args.output is None:
+            p.error("--mode test needs --checkpoint or an --output run directory")
+        return
+    if args.output is None:
+        p.error("--output is required to train")
+    if args.checkpoint is not None:
+        p.error("--checkpoint is for --mode test; to continue training use --resume")
+    if args.resume and args.force:
+        p.error("--resume continues the run in --output and --force replaces it: pick one")
+    if (args.pretrained_gmf is None) != (args.pretrained_mlp is None):
+        p.error("pre-training needs both --pretrained-gmf and --pretrained-mlp")
+    if args.pretrained_gmf is not None and (args.variant != "neumf" or args.resume):
+        p.error("--pretrained-gmf/--pretrained-mlp initialise a new --variant neumf run (not with --resume)")
+    if not 0.0 <= args.dropout < 1.0:
+        p.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    if not 0.0 <= args.alpha <= 1.0:
+        p.error(f"--alpha must be in [0, 1], got {args.alpha}")
+    if args.variant != "gmf" and (len(args.mlp_layers) < 2 or args.mlp_layers[0] % 2):
+        p.error("--mlp-layers needs an even first width (user + item embeddings) and at least one layer")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.batch_size // (world * args.grad_accumulation * (1 + args.negatives)) < 1:
+        p.error(f"--batch-size {args.batch_size} leaves no positive per micro-batch "
+                f"({world} processes x {args.grad_accumulation} accumulation x {1 + args.negatives} samples)")
+
+
+def choose_device(name: str):
+    import torch
+
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise TrainingError("--device cuda: no CUDA GPU is visible to torch")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def train_options(args: argparse.Namespace):
+    from models.trainer import TrainOptions
+
+    names = {f.name for f in fields(TrainOptions)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    return TrainOptions(**values, progress=not args.no_progress)
+
+
+def build_model(args, data):
+    from models import checkpoint as ckpt
+    from models.neumf import NeuMF
+
+    if args.pretrained_gmf is None:
+        return NeuMF(data.num_users, data.num_items, mf_dim=args.factors, mlp_layers=args.mlp_layers,
+                     dropout=args.dropout, variant=args.variant)
+    branches = []
+    for path in (args.pretrained_gmf, args.pretrained_mlp):
+        branch = ckpt.model_from(ckpt.load(path), path)
+        check_fits(branch.config, data, path)
+        branches.append(branch)
+    try:
+        return NeuMF.from_pretrained(*branches, alpha=args.alpha, dropout=args.dropout)
+    except ValueError as exc:
+        raise TrainingError(f"pre-training: {exc}") from None
+
+
+def check_fits(config: dict, data, path) -> None:
+    if (config.get("nb_users"), config.get("nb_items")) != (data.num_users, data.num_items):
+        raise TrainingError(
+            f"checkpoint {path} is for {config.get('nb_users')} users x {config.get('nb_items')} items, "
+            f"the data has {data.num_users} x {data.num_items}"
+        )
+
+
+def prepare_run_dir(args) -> dict | None:
+    """Refuse to clobber a previous run; return the checkpoint to resume, if any."""
+    from models import checkpoint as ckpt
+
+    last = args.output / "checkpoints" / "last.pt"
+    if args.resume:
+        return ckpt.load(last)
+    if args.output.exists() and any(args.output.iterdir()) and not args.force:
+        raise TrainingError(f"{args.output} is not empty: pass --resume to continue its run or --force to replace it")
+    return None
+
+
+def run_test(args, data, device) -> int:
+    from models import checkpoint as ckpt
+    from models.data import load_candidates
+    from models.trainer import Trainer
+
+    path = args.checkpoint or args.output / "checkpoints" / "best.pt"
+    model = ckpt.model_from(ckpt.load(path), path)
+    check_fits(model.config, data, path)
+    trainer = Trainer(model, data, train_options(args), device)
+    hr, ndcg, rate = trainer.evaluate(load_candidates(data, "test"))
+    print(f"test HR@{args.topk} = {hr:.4f}  NDCG@{args.topk} = {ndcg:.4f}  ({rate:,.0f} samples/s)  [{path}]")
+    return 0
+
+
+def run_train(args, data, device, context) -> int:
+    import torch
+
+    from models import checkpoint as ckpt
+    from models.data import load_candidates
+    from models.export import save_json, save_torchscript
+    from models.plots import plot_history
+    from models.trainer import Trainer, write_jsonl
+
+    resume = prepare_run_dir(args) if context.is_main or args.resume else None
+    torch.manual_seed(args.seed)  # initialisation
+    model = build_model(args, data)
+    if resume is not None:
+        check_fits(resume["model"]["config"], data, args.output / "checkpoints" / "last.pt")
+        if resume["model"]["config"] != model.config:
+            raise TrainingError("checkpoints/last.pt was trained with other model options: "
+                                f"{resume['model']['config']}")
+    options = train_options(args)
+    eval_split = data.eval_mapping
+    eval_lists = load_candidates(data, eval_split)
+    test_lists = eval_lists if eval_split == "test" else load_candidates(data, "test")
+    context.barrier()  # rank 0 has refused or accepted the run directory
+    if context.is_main:
+        (args.output / "checkpoints").mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(model, data, options, device, context, run_dir=args.output)
+    if resume is not None:
+        trainer.resume_from(resume)
+
+    def on_epoch(record) -> None:
+        if context.is_main:
+            write_jsonl(trainer.state.history, args.output / "log.jsonl")
+            print(f"epoch {record.epoch}: loss {record.loss:.4f}  {record.split} HR@{record.k} {record.hr:.4f}  "
+                  f"NDCG@{record.k} {record.ndcg:.4f}  train {record.train_samples_per_s:,.0f} samples/s  "
+                  f"eval {record.eval_samples_per_s:,.0f} samples/s  {record.epoch_time_s:.1f} s", flush=True)
+
+    state = trainer.fit(eval_lists, eval_split, on_epoch)
+    context.barrier()  # best.pt is on disk
+    best_path = args.output / "checkpoints" / "best.pt"
+    trainer.model.load_state_dict(ckpt.model_from(ckpt.load(best_path), best_path).state_dict())
+    if eval_split == "test":
+        best = state.history[state.best_epoch - 1]
+        hr, ndcg = best["hr"], best["ndcg"]
+    else:
+        hr, ndcg, _ = trainer.evaluate(test_lists)
+    if context.is_main:
+        save_torchscript(trainer.model, args.output / "model.ts")
+        write_jsonl(state.history, args.output / "log.jsonl")
+        plot_history(state.history, args.output / "training.png")
+        save_json({
+            "model": {"name": "neumf", "config": trainer.model.config},
+            "options": {**asdict(options), "device": str(device), "processes": context.world},
+            "data": str(args.data.resolve()),
+            "columns": {"user": data.user_column, "item": data.item_column},
+            "metrics": {f"hr@{options.topk}": hr, f"ndcg@{options.topk}": ndcg, "split": "test",
+                        "best_epoch": state.best_epoch, "epochs": state.epoch},
+        }, args.output / "config.json")
+        print(f"final test HR@{options.topk} = {hr:.4f}  NDCG@{options.topk} = {ndcg:.4f}  "
+              f"(best epoch {state.best_epoch} of {state.epoch})  -> {args.output}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    context = None
+    try:
+        import torch
+
+        from models.data import open_etl
+        from models.distributed import from_environment
+
+        device = choose_device(args.device)
+        local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // local_procs))
+        data = open_etl(args.data)
+        if args.mode == "test":
+            return run_test(args, data, device)
+        context = from_environment(device)
+        return run_train(args, data, device, context)
+    except TrainingError as exc:
+        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    finally:
+        if context is not None:
+            context.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""The model-agnostic training loop: sampled negatives, BCE-with-logits, Adam, gradient
+accumulation, AMP, DDP, HR/NDCG evaluation, early stopping and resumable checkpoints.
+
+A model is any nn.Module with forward(user [B], item [B, C]) -> logits [B, C].
+Every epoch's randomness (file order, row shuffle, negatives, dropout) is seeded from
+(seed, epoch, rank), so resuming from an end-of-epoch checkpoint replays exactly what an
+uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from models import checkpoint as ckpt
+from models.data import Candidates, EtlData, batch_columns, check_ids, seed_shuffle, train_loader
+from models.distributed import Context
+from models.metrics import hit_and_ndcg_sums
+from models.registry import model_name
+from models.sampler import NegativeSampler, epoch_generator
+
+
+@dataclass
+class TrainOptions:
+    epochs: int = 10
+    batch_size: int = 2**20  # samples (positives + negatives) per optimizer step, all ranks
+    negatives: int = 4
+    lr: float = 0.0045
+    beta1: float = 0.25
+    beta2: float = 0.5
+    eps: float = 1e-8
+    grad_accumulation: int = 1
+    amp: bool = False
+    topk: int = 10
+    threshold: float = 1.0
+    patience: int = 0
+    seed: int = 0
+    eval_batch_size: int = 2**20  # candidates scored per forward pass
+    parts_per_chunk: int = 1
+    progress: bool = True
+    stop_after_steps: int = 0  # debug: SIGKILL ourselves after this many optimizer steps
+
+    def positives_per_batch(self, world: int) -> int:
+        """Rows the Loader yields per micro-batch on each rank."""
+        return self.batch_size // (world * self.grad_accumulation * (1 + self.negatives))
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    loss: float
+    hr: float
+    ndcg: float
+    k: int
+    split: str
+    train_samples_per_s: float
+    eval_samples_per_s: float
+    epoch_time_s: float
+    train_samples: int
+
+
+@dataclass
+class State:
+    """What survives a restart besides the model and optimizer."""
+
+    epoch: int = 0  # epochs completed
+    best_hr: float = -1.0
+    best_epoch: int = -1
+    stale_epochs: int = 0
+    history: list = field(default_factory=list)
+
+
+def autocast(device: torch.device, enabled: bool):
+    if not enabled:
+        return contextlib.nullcontext()
+    # fp16 + GradScaler on CUDA; bf16 on CPU, where fp16 matmuls are slow and unscaled.
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def build_optimizer(model: nn.Module, options: TrainOptions, device: torch.device) -> torch.optim.Adam:
+    return torch.optim.Adam(
+        model.parameters(), lr=options.lr, betas=(options.beta1, options.beta2), eps=options.eps,
+        fused=device.type == "cuda",
+    )
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, data: EtlData, options: TrainOptions, device: torch.device,
+                 context: Context | None = None, run_dir: Path | None = None):
+        self.data, self.options, self.device = data, options, device
+        self.context = context or Context()
+        self.model = model.to(device)
+        self.ddp = (
+            nn.parallel.DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+            if self.context.distributed else self.model
+        )
+        self.optimizer = build_optimizer(self.model, options, device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=options.amp and device.type == "cuda")
+        self.sampler = NegativeSampler(data.first_item, data.num_items, options.negatives)
+        self.loss_fn = nn.BCEWithLogitsLoss()
+        self.run_dir = run_dir if self.context.is_main else None
+        self.state = State()
+        self.steps_taken = 0
+
+    # --- checkpoints ------------------------------------------------------------
+
+    def checkpoint(self) -> dict:
+        return {
+            "format": ckpt.FORMAT,
+            "model": {"name": model_name(self.model), "config": self.model.config,
+                      "state": {k: v.detach().cpu() for k, v in self.model.state_dict().items()}},
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "state": asdict(self.state),
+            "options": asdict(self.options),
+            "rng": ckpt.rng_state(),
+        }
+
+    def resume_from(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"]["state"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.state = State(**state["state"])
+        ckpt.restore_rng(state["rng"])
+
+    # --- evaluation -------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, candidates: Candidates) -> tuple[float, float, float]:
+        """HR@K, NDCG@K over all ranks' lists and candidates scored per second."""
+        shard = candidates.shard(self.context.rank, self.context.world)
+        self.model.eval()
+        lists_per_pass = max(1, self.options.eval_batch_size // shard.items.shape[1]) if len(shard.users) else 1
+        hits = ndcg = 0.0
+        start = time.perf_counter()
+        for lo in range(0, len(shard.users), lists_per_pass):
+            users = shard.users[lo:lo + lists_per_pass].to(self.device, non_blocking=True)
+            items = shard.items[lo:lo + lists_per_pass].to(self.device, non_blocking=True)
+            with autocast(self.device, self.options.amp):
+                scores = self.model(users, items)
+            h, n = hit_and_ndcg_sums(scores, self.options.topk)
+            hits, ndcg = hits + h, ndcg + n
+        total_hits, total_ndcg, lists = self.context.sum([hits, ndcg, float(len(shard.users))])
+        elapsed = time.perf_counter() - start
+        lists = max(lists, 1.0)
+        return total_hits / lists, total_ndcg / lists, lists * candidates.items.shape[1] / elapsed
+
+    # --- training ---------------------------------------------------------------
+
+    def train_epoch(self, epoch: int, check_input: bool) -> tuple[float, int, float]:
+        """One pass over this rank's shard: mean loss over all ranks, samples, seconds."""
+        options, context = self.options, self.context
+        torch.manual_seed((options.seed * 1_000_003 + epoch * 7919 + context.rank) % 2**63)  # dropout
+        generator = epoch_generator(options.seed, epoch, context.rank, self.device)
+        loader = train_loader(self.data, options.positives_per_batch(context.world), epoch, options.seed,
+                              context.rank, context.world, options.parts_per_chunk, self.device)
+        steps = len(loader)
+        # DDP needs every rank to take the same number of steps; shards can differ by a batch.
+        steps = int(context.min([float(steps)])[0])
+        accumulation = options.grad_accumulation
+        self.model.train()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        samples = 0
+        seed_shuffle(options.seed, epoch, context.rank)
+        start = time.perf_counter()
+        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{options.epochs}", unit="batch",
+                   disable=not (options.progress and context.is_main), leave=False)
+        try:
+            for step, batch in enumerate(loader):
+                if step >= steps:
+                    break
+                users, positives = batch_columns(self.data, batch)
+                if check_input:
+                    check_ids(self.data, users, positives, "train")
+                users = users.to(self.device, non_blocking=True)
+                items, labels = self.sampler.candidates(positives.to(self.device, non_blocking=True), generator)
+                boundary = (step + 1) % accumulation == 0 or step + 1 == steps
+                sync = contextlib.nullcontext() if boundary or not context.distributed else self.ddp.no_sync()
+                with sync:
+                    with autocast(self.device, options.amp):
+                        logits = self.ddp(users, items)
+                    loss = self.loss_fn(logits.float(), labels)
+                    self.scaler.scale(loss / accumulation).backward()
+                if boundary:
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.steps_taken += 1
+                    if options.stop_after_steps and self.steps_taken >= options.stop_after_steps:
+                        os.kill(os.getpid(), signal.SIGKILL)  # simulates a crash, for resume tests
+                loss_sum += loss.detach().double() * labels.numel()
+                samples += labels.numel()
+                bar.update()
+        finally:
+            bar.close()
+            loader.stop()
+        loss_total, samples_total = context.sum([float(loss_sum), float(samples)])
+        return loss_total / max(samples_total, 1.0), int(samples_total), time.perf_counter() - start
+
+    def fit(self, eval_candidates: Candidates, split: str, on_epoch=None) -> State:
+        """Train until options.epochs, the HR threshold or patience; call on_epoch(record)
+        after each epoch's checkpoint (rank 0 writes them under run_dir/checkpoints)."""
+        options, state = self.options, self.state
+        first_epoch = state.epoch
+        for epoch in range(state.epoch, options.epochs):
+            epoch_start = time.perf_counter()
+            loss, samples, train_time = self.train_epoch(epoch, check_input=epoch == first_epoch)
+            hr, ndcg, eval_rate = self.evaluate(eval_candidates)
+            record = EpochRecord(
+                epoch=epoch + 1, loss=loss, hr=hr, ndcg=ndcg, k=options.topk, split=split,
+                train_samples_per_s=samples / train_time, eval_samples_per_s=eval_rate,
+                epoch_time_s=time.perf_counter() - epoch_start, train_samples=samples,
+            )
+            improved = hr > state.best_hr
+            state.epoch = epoch + 1
+            state.history.append(asdict(record))
+            if improved:
+                state.best_hr, state.best_epoch, state.stale_epochs = hr, epoch + 1, 0
+            else:
+                state.stale_epochs += 1
+            if self.run_dir is not None:
+                snapshot = self.checkpoint()
+                if improved:
+                    ckpt.save_atomic(snapshot, self.run_dir / "checkpoints" / "best.pt")
+                ckpt.save_atomic(snapshot, self.run_dir / "checkpoints" / "last.pt")
+            if on_epoch is not None:
+                on_epoch(record)
+            if hr >= options.threshold or (options.patience and state.stale_epochs >= options.patience):
+                break
+        return state
+
+
+def write_jsonl(history: list[dict], path: Path) -> None:
+    """Rewrite the whole log atomically (it is small), so a resumed run's log has no
+    epochs from beyond its checkpoint."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
+    os.replace(tmp, path)
