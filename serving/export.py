@@ -1,0 +1,352 @@
+"""Export the saved NVTabular workflow and the trained TorchScript model as a Triton ensemble.
+
+The repository (see serving/README.md) holds three steps and two ensembles:
+`workflow` (python backend: raw ids -> encoded ids), `model` (NeuMF's TorchScript, on the
+python backend or on `pytorch_libtorch`), `top_k` (python backend: best candidates as raw
+ids with titles); `scores` = workflow -> model, `recommend` = workflow -> model -> top_k.
+It is built in a temporary directory, checked the way Triton would check it, and only
+then renamed into place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python serving/export.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+import tritonclient.grpc.model_config_pb2 as mc
+
+from serving.errors import ServingError, run_cli
+from serving.repository import VERSION, tensor, validate_repository, write_config
+from workflows.feature_spec import FeatureSpec, FeatureSpecError
+
+FLAVOURS = ("auto", "python", "libtorch")
+WORKFLOW_STEP, MODEL_STEP, TOP_K_STEP = "workflow", "model", "top_k"
+SCORES_ENSEMBLE, RECOMMEND_ENSEMBLE = "scores", "recommend"
+MODEL_SOURCES = Path(__file__).resolve().parent / "triton_models"
+HELPERS = (MODEL_SOURCES / "common.py",)
+
+
+@dataclass
+class ExportInputs:
+    """Everything export reads, found and checked before anything is written."""
+
+    spec: FeatureSpec
+    workflow_dir: Path
+    items_table: Path
+    torchscript: Path
+
+    @property
+    def user(self) -> str:
+        return self.spec.user_feature
+
+    @property
+    def item(self) -> str:
+        return self.spec.item_feature
+
+
+def locate_inputs(data: Path, run: Path) -> ExportInputs:
+    try:
+        spec = FeatureSpec.load(data)
+        workflow_dir, items_table = spec.path("workflow"), spec.path("item_table")
+    except FeatureSpecError as exc:
+        raise ServingError(str(exc)) from None
+    if not (workflow_dir / "workflow.pkl").is_file():
+        raise ServingError(f"{workflow_dir} holds no saved NVTabular workflow (workflow.pkl)")
+    if not items_table.is_file():
+        raise ServingError(f"item table {items_table} not found")
+    torchscript = run / "model.ts"
+    if not torchscript.is_file():
+        raise ServingError(f"{torchscript} not found: is {run} a training run directory?")
+    return ExportInputs(spec, workflow_dir, items_table, torchscript)
+
+
+def resolve_flavour(flavour: str) -> str:
+    """'auto' picks libtorch when the server found here has the pytorch backend, else python."""
+    if flavour != "auto":
+        return flavour
+    from serving.server_runtime import LIBTORCH_BACKEND, find_tritonserver
+
+    try:
+        return "libtorch" if find_tritonserver().supports(LIBTORCH_BACKEND) else "python"
+    except ServingError:  # no server on this machine: the python flavour runs anywhere
+        return "python"
+
+
+# --- the steps ----------------------------------------------------------------------------------
+
+
+def _python_model(model_dir: Path, source: Path, *helpers: Path) -> Path:
+    version_dir = model_dir / VERSION
+    version_dir.mkdir(parents=True)
+    for path in (source, *HELPERS, *helpers):
+        shutil.copy2(path, version_dir / path.name)
+    return version_dir
+
+
+def _cpu_instances(count: int) -> list[mc.ModelInstanceGroup]:
+    return [mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU, count=count)]
+
+
+def write_workflow_step(repo: Path, inputs: ExportInputs, unknown_ids: str, instances: int, default_k: int) -> None:
+    version_dir = _python_model(
+        repo / WORKFLOW_STEP, MODEL_SOURCES / "workflow" / "model.py", Path(__file__).with_name("inference_workflow.py")
+    )
+    shutil.copytree(inputs.workflow_dir, version_dir / "workflow")
+    config = mc.ModelConfig(name=WORKFLOW_STEP, backend="python", instance_group=_cpu_instances(instances))
+    config.input.extend([
+        tensor(mc.ModelInput, inputs.user, mc.TYPE_INT64),
+        tensor(mc.ModelInput, inputs.item, mc.TYPE_INT64, optional=True),
+        # top_k passes through here because Triton only leaves out an absent optional input
+        # for a step fed by the ensemble's inputs alone; this step fills in the default.
+        tensor(mc.ModelInput, "top_k", mc.TYPE_INT32, dims=(1,), optional=True),
+    ])
+    config.output.extend([
+        tensor(mc.ModelOutput, inputs.user, mc.TYPE_INT64),
+        tensor(mc.ModelOutput, inputs.item, mc.TYPE_INT64),
+        tensor(mc.ModelOutput, "candidate_id", mc.TYPE_INT64),
+        tensor(mc.ModelOutput, "top_k", mc.TYPE_INT32, dims=(1,)),
+    ])
+    _set_parameters(config, user_column=inputs.user, item_column=inputs.item,
+                    first_index=inputs.spec.first_item_index, unknown_ids=unknown_ids, default_k=default_k)
+    write_config(repo / WORKFLOW_STEP, config)
+
+
+def write_python_model_step(repo: Path, inputs: ExportInputs, instances: int) -> None:
+    version_dir = _python_model(repo / MODEL_STEP, MODEL_SOURCES / "model" / "model.py")
+    shutil.copy2(inputs.torchscript, version_dir / "model.pt")
+    config = mc.ModelConfig(name=MODEL_STEP, backend="python", instance_group=_cpu_instances(instances))
+    config.input.extend([tensor(mc.ModelInput, inputs.user, mc.TYPE_INT64), tensor(mc.ModelInput, inputs.item, mc.TYPE_INT64)])
+    config.output.append(tensor(mc.ModelOutput, "score", mc.TYPE_FP32))
+    _set_parameters(config, user_column=inputs.user, item_column=inputs.item, torch_threads=1)
+    write_config(repo / MODEL_STEP, config)
+
+
+def write_libtorch_model_step(repo: Path, inputs: ExportInputs) -> None:
+    """The TorchScript for Triton's pytorch backend, written by merlin-systems' PredictPyTorch."""
+    import torch
+    from merlin.schema import ColumnSchema, Schema
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import nvtabular as nvt
+        from merlin.systems.dag.ops.pytorch import PredictPyTorch
+        from merlin.systems.dag.runtimes.triton.ops.pytorch import PredictPyTorchTriton
+
+        encoded = nvt.Workflow.load(str(inputs.workflow_dir)).output_schema
+    # The backend feeds inputs to forward(user, item) in config order: user first.
+    input_schema = Schema([encoded[inputs.user], encoded[inputs.item]])
+    output_schema = Schema([ColumnSchema("score", dtype=np.float32)])
+    op = PredictPyTorchTriton(PredictPyTorch(torch.jit.load(str(inputs.torchscript)), input_schema, output_schema))
+    with tempfile.TemporaryDirectory(dir=repo) as scratch:
+        config = op.export(scratch, input_schema, output_schema, version=int(VERSION))
+        shutil.move(Path(scratch) / config.name, repo / MODEL_STEP)
+    config.name = MODEL_STEP
+    write_config(repo / MODEL_STEP, config)
+
+
+def write_top_k_step(repo: Path, inputs: ExportInputs) -> None:
+    import pandas as pd
+
+    version_dir = _python_model(repo / TOP_K_STEP, MODEL_SOURCES / "top_k" / "model.py")
+    items = pd.read_parquet(inputs.items_table)
+    if "raw_item_id" not in items.columns:
+        raise ServingError(f"{inputs.items_table} has no raw_item_id column")
+    titles = items["title"] if "title" in items.columns else pd.Series("", index=items.index)
+    pd.DataFrame({"raw_item_id": items["raw_item_id"].astype("int64"), "title": titles.fillna("").astype(str)}).to_parquet(
+        version_dir / "items.parquet", index=False
+    )
+    config = mc.ModelConfig(name=TOP_K_STEP, backend="python", instance_group=_cpu_instances(1))
+    config.input.extend([
+        tensor(mc.ModelInput, "candidate_id", mc.TYPE_INT64),
+        tensor(mc.ModelInput, "score", mc.TYPE_FP32),
+        tensor(mc.ModelInput, "top_k", mc.TYPE_INT32, dims=(1,)),
+    ])
+    config.output.extend([
+        tensor(mc.ModelOutput, "item_id", mc.TYPE_INT64),
+        tensor(mc.ModelOutput, "score", mc.TYPE_FP32),
+        tensor(mc.ModelOutput, "title", mc.TYPE_STRING),
+    ])
+    write_config(repo / TOP_K_STEP, config)
+
+
+def _set_parameters(config: mc.ModelConfig, **values) -> None:
+    for key, value in values.items():
+        config.parameters[key].string_value = str(value)
+
+
+# --- the ensembles ------------------------------------------------------------------------------
+
+
+def _step(model: str, input_map: dict[str, str], output_map: dict[str, str]):
+    return mc.ModelEnsembling.Step(model_name=model, model_version=-1, input_map=input_map, output_map=output_map)
+
+
+def _encode_and_score_steps(user: str, item: str, recommend: bool) -> list:
+    # Triton rejects an ensemble with a step output nobody reads: map only what is used.
+    inputs, outputs = {user: user, item: item}, {user: "encoded_user", item: "encoded_item"}
+    if recommend:
+        inputs["top_k"] = "top_k"
+        outputs.update(candidate_id="candidate_id", top_k="requested_k")
+    return [
+        _step(WORKFLOW_STEP, inputs, outputs),
+        _step(MODEL_STEP, {user: "encoded_user", item: "encoded_item"}, {"score": "candidate_score"}),
+    ]
+
+
+def write_scores_ensemble(repo: Path, inputs: ExportInputs) -> None:
+    user, item = inputs.user, inputs.item
+    config = mc.ModelConfig(name=SCORES_ENSEMBLE, platform="ensemble")
+    config.input.extend([tensor(mc.ModelInput, user, mc.TYPE_INT64), tensor(mc.ModelInput, item, mc.TYPE_INT64)])
+    config.output.append(tensor(mc.ModelOutput, "score", mc.TYPE_FP32))
+    steps = _encode_and_score_steps(user, item, recommend=False)
+    steps[-1].output_map["score"] = "score"
+    config.ensemble_scheduling.step.extend(steps)
+    write_config(repo / SCORES_ENSEMBLE, config)
+
+
+def write_recommend_ensemble(repo: Path, inputs: ExportInputs) -> None:
+    user, item = inputs.user, inputs.item
+    config = mc.ModelConfig(name=RECOMMEND_ENSEMBLE, platform="ensemble")
+    config.input.extend([
+        tensor(mc.ModelInput, user, mc.TYPE_INT64),
+        tensor(mc.ModelInput, item, mc.TYPE_INT64, optional=True),
+        tensor(mc.ModelInput, "top_k", mc.TYPE_INT32, dims=(1,), optional=True),
+    ])
+    config.output.extend([
+        tensor(mc.ModelOutput, "top_item_id", mc.TYPE_INT64),
+        tensor(mc.ModelOutput, "top_score", mc.TYPE_FP32),
+        tensor(mc.ModelOutput, "top_title", mc.TYPE_STRING),
+    ])
+    steps = _encode_and_score_steps(user, item, recommend=True)
+    # Ensemble tensors share one namespace with its inputs: the ranked ids need their own name.
+    steps.append(_step(TOP_K_STEP, {"candidate_id": "candidate_id", "score": "candidate_score", "top_k": "requested_k"},
+                       {"item_id": "top_item_id", "score": "top_score", "title": "top_title"}))
+    config.ensemble_scheduling.step.extend(steps)
+    write_config(repo / RECOMMEND_ENSEMBLE, config)
+
+
+# --- checks ---------------------------------------------------------------------------------------
+
+
+def check_scoring(repo: Path, inputs: ExportInputs) -> None:
+    """Encode every known item for one user with the repository's workflow and score them with
+    its TorchScript: a model that cannot score every id of this ETL output fails here."""
+    import torch
+
+    from serving.inference_workflow import InferenceWorkflow, RequestEncoder
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        encoder = RequestEncoder(InferenceWorkflow(repo / WORKFLOW_STEP / VERSION / "workflow"),
+                                 inputs.user, inputs.item, inputs.spec.first_item_index)
+    model = torch.jit.load(str(repo / MODEL_STEP / VERSION / "model.pt"), map_location="cpu").eval()
+    num_users, num_items = inputs.spec.num_users, inputs.spec.num_items
+    items = encoder.all_items_encoded
+    # ... plus the highest index of each table, which only a model sized for this ETL output has.
+    pairs_user = np.r_[np.full(items.size, inputs.spec.first_item_index), num_users - 1]
+    pairs_item = np.r_[items, num_items - 1]
+    try:
+        with torch.inference_mode():
+            scores = model(torch.from_numpy(pairs_user), torch.from_numpy(pairs_item))
+    except Exception as exc:
+        detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise ServingError(
+            f"{inputs.torchscript} cannot score this ETL output's ids (users < {num_users}, items < {num_items}): {detail}"
+        ) from None
+    if tuple(scores.shape) != (pairs_user.size,) or scores.dtype != torch.float32:
+        raise ServingError(f"{inputs.torchscript} returned {scores.dtype} {tuple(scores.shape)}, expected float32 [{pairs_user.size}]")
+    if not bool(torch.isfinite(scores).all()) or scores.min() < 0 or scores.max() > 1:
+        raise ServingError(f"{inputs.torchscript} returned scores outside [0, 1]: expected probabilities")
+
+
+# --- the export as a whole -------------------------------------------------------------------------
+
+
+def export(data: Path, run: Path, output: Path, flavour: str = "auto", top_k: int = 10,
+           unknown_ids: str = "error", instances: int = 1, overwrite: bool = False,
+           log=print) -> str:
+    """Write the repository to `output` atomically; returns the model step's flavour."""
+    if top_k < 0:
+        raise ServingError(f"--top-k must be >= 0, got {top_k}")
+    if instances < 1:
+        raise ServingError(f"--instances must be >= 1, got {instances}")
+    if output.exists() and not overwrite:
+        raise ServingError(f"{output} exists (pass --overwrite to replace it)")
+    inputs = locate_inputs(data, run)
+    flavour = resolve_flavour(flavour)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
+    try:
+        log(f"workflow step from {inputs.workflow_dir}")
+        write_workflow_step(staging, inputs, unknown_ids, instances, top_k or 10)
+        log(f"model step ({flavour}) from {inputs.torchscript}")
+        if flavour == "libtorch":
+            write_libtorch_model_step(staging, inputs)
+        else:
+            write_python_model_step(staging, inputs, instances)
+        write_scores_ensemble(staging, inputs)
+        if top_k:
+            log(f"top-K step (default K={top_k}) with titles from {inputs.items_table}")
+            write_top_k_step(staging, inputs)
+            write_recommend_ensemble(staging, inputs)
+        log("checking every config.pbtxt and the ensemble wiring; scoring every item once")
+        validate_repository(staging)
+        check_scoring(staging, inputs)
+        _replace(staging, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return flavour
+
+
+def _replace(staging: Path, output: Path) -> None:
+    if output.exists():
+        old = output.with_name(f".{output.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        output.rename(old)
+        staging.rename(output)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(output)
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Export the ETL's saved workflow and a training run's TorchScript as a Triton "
+        "ensemble model repository (raw ids in; scores, or top-K raw item ids with scores and titles, out)."
+    )
+    parser.add_argument("--data", required=True, type=Path, help="ETL output directory (holds feature_spec.yaml)")
+    parser.add_argument("--run", required=True, type=Path, help="training run directory (holds model.ts)")
+    parser.add_argument("--output", required=True, type=Path, help="model repository to write")
+    parser.add_argument("--flavour", choices=FLAVOURS, default="auto",
+                        help="model step backend: 'python' (TorchScript run by torch inside the python backend, CPU), "
+                        "'libtorch' (Triton's pytorch_libtorch backend, the NGC container), or 'auto' (default): "
+                        "libtorch if the tritonserver found here has the pytorch backend, else python")
+    parser.add_argument("--top-k", type=int, default=10,
+                        help="K of the 'recommend' ensemble when a request sends no top_k (default 10); 0 leaves it out")
+    parser.add_argument("--unknown-ids", choices=("error", "oov"), default="error",
+                        help="ids unseen at ETL time: 'error' (default) rejects the request naming them; "
+                        "'oov' scores them as Categorify's out-of-vocabulary index 2")
+    parser.add_argument("--instances", type=int, default=1, help="instances of the workflow and model steps (default 1)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    flavour = export(args.data, args.run, args.output, args.flavour, args.top_k, args.unknown_ids,
+                     args.instances, args.overwrite)
+    print(f"wrote {args.output} (model step: {flavour}); serve it with: python serving/serve.py --repository {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

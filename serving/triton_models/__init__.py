@@ -1,0 +1,1 @@
+"""Python-backend `model.py` sources that serving/export.py copies into a model repository."""

@@ -1,0 +1,29 @@
+"""Model step on the python backend: the run's TorchScript scores encoded (user, item) pairs on CPU."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from common import answer_each, input_array, parameters  # noqa: E402
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = parameters(args)
+        self.user_column, self.item_column = params["user_column"], params["item_column"]
+        # One intra-op thread per instance: requests run concurrently across instances/steps.
+        torch.set_num_threads(int(params.get("torch_threads", "1")))
+        self.model = torch.jit.load(str(Path(__file__).resolve().parent / "model.pt"), map_location="cpu").eval()
+
+    def execute(self, requests):
+        return answer_each(requests, self._respond, (ValueError,))
+
+    def _respond(self, request):
+        users = torch.from_numpy(input_array(request, self.user_column).astype(np.int64, copy=False))
+        items = torch.from_numpy(input_array(request, self.item_column).astype(np.int64, copy=False))
+        with torch.inference_mode():
+            scores = self.model(users, items)
+        return {"score": scores.reshape(-1).to(torch.float32).numpy()}

@@ -1,0 +1,30 @@
+"""Top-K step: the K best-scored candidates as raw item ids, with scores and titles."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from common import answer_each, input_array  # noqa: E402
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        items = pd.read_parquet(Path(__file__).resolve().parent / "items.parquet")
+        self.titles = dict(zip(items["raw_item_id"].to_numpy(), items["title"].fillna("").astype(str)))
+
+    def execute(self, requests):
+        return answer_each(requests, self._respond, (ValueError,))
+
+    def _respond(self, request):
+        candidates = input_array(request, "candidate_id").reshape(-1)
+        scores = input_array(request, "score").reshape(-1)
+        k = input_array(request, "top_k").reshape(-1)  # checked by the workflow step
+        # Each candidate once (its first occurrence), best score first, ties in request order.
+        _, first = np.unique(candidates, return_index=True)
+        first.sort()
+        best = first[np.argsort(-scores[first], kind="stable")][: int(k[0])]
+        titles = np.array([self.titles.get(i, "").encode() for i in candidates[best]], dtype=np.object_)
+        return {"item_id": candidates[best], "score": scores[best], "title": titles}

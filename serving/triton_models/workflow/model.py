@@ -1,0 +1,41 @@
+"""Workflow step: raw user/item ids -> Categorify-encoded ids, with the saved NVTabular workflow."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helpers copied beside this file
+
+from common import answer_each, input_array, parameters  # noqa: E402
+from inference_workflow import InferenceWorkflow, RequestEncoder, RequestError  # noqa: E402
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = parameters(args)
+        self.user_column, self.item_column = params["user_column"], params["item_column"]
+        self.default_k = int(params["default_k"])
+        workflow = InferenceWorkflow(Path(__file__).resolve().parent / "workflow")
+        self.encoder = RequestEncoder(
+            workflow, self.user_column, self.item_column,
+            first_index=int(params["first_index"]), unknown_ids=params["unknown_ids"],
+        )
+
+    def execute(self, requests):
+        return answer_each(requests, self._respond, (RequestError, ValueError))
+
+    def _respond(self, request):
+        users = input_array(request, self.user_column)
+        items = input_array(request, self.item_column, required=False)
+        encoded_users, encoded_items, raw_items = self.encoder.encode(users, items)
+        return {self.user_column: encoded_users, self.item_column: encoded_items, "candidate_id": raw_items,
+                "top_k": self._top_k(request)}
+
+    def _top_k(self, request) -> np.ndarray:
+        k = input_array(request, "top_k", required=False)
+        if k is None:
+            return np.array([self.default_k], dtype=np.int32)
+        if k.size != 1 or k.reshape(-1)[0] < 1:
+            raise RequestError(f"top_k must be one integer >= 1, got {k.reshape(-1).tolist()}")
+        return k.reshape(1).astype(np.int32)
