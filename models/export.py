@@ -29,7 +29,7 @@ class Scorer(nn.Module):
 
 
 def torchscript(model: nn.Module) -> torch.jit.ScriptModule:
-    model = copy.deepcopy(model).cpu().eval()
+    model = copy.deepcopy(model).cpu().eval().requires_grad_(False)
     example = (torch.tensor([0, 1, 0], dtype=torch.int64), torch.tensor([0, 0, 1], dtype=torch.int64))
     with torch.no_grad():
         traced = torch.jit.trace(Scorer(model), example, check_trace=False)
@@ -42,6 +42,7 @@ def save_torchscript(model: nn.Module, path: Path) -> torch.jit.ScriptModule:
     os.close(fd)
     try:
         torch.jit.save(scripted, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from a server running as another user
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

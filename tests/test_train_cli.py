@@ -1,0 +1,302 @@
+"""models/train_ncf.py end to end on a planted dataset: learning, outputs, resume after a
+kill, 2-process Gloo DDP, bf16 AMP, --mode test, the hub entry and bad input."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = [sys.executable, str(REPO / "models" / "train_ncf.py")]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+# Small model and batches: a few hundred ms per epoch on 2 cores.
+SMALL = ["--factors", "16", "--mlp-layers", "32", "32", "16", "--dropout", "0.1", "--batch-size", "2000",
+         "--lr", "0.02", "--no-progress", "--seed", "3"]
+EPOCHS = 3
+
+
+def write_planted_etl(out: Path, users=400, items=300, groups=10, per_user=15, negatives=100, files=4, seed=0):
+    """An ETL-shaped directory where each user's items come from their group's 30 items, so a
+    model that learns the groups ranks the held-out positive above most of the 100 random
+    negatives (random ranking: HR@10 ~ 0.1)."""
+    from merlin.schema import ColumnSchema, Schema, Tags
+    from merlin.schema.io.tensorflow_metadata import TensorflowMetadata
+
+    rng = np.random.default_rng(seed)
+    (out / "train").mkdir(parents=True)
+    (out / "test").mkdir()
+    first = 3
+    nu, ni = users + first, items + first
+    group_items = np.arange(items).reshape(groups, -1) + first
+    train_u, train_i, test_u, test_i = [], [], [], []
+    for user in range(first, nu):
+        chosen = rng.choice(group_items[user % groups], per_user + 1, replace=False)
+        train_u += [user] * per_user
+        train_i += list(chosen[:-1])
+        pool = np.setdiff1d(np.arange(first, ni), chosen)
+        test_u += [user] * (negatives + 1)
+        test_i += [chosen[-1], *rng.choice(pool, negatives, replace=False)]
+    train = pd.DataFrame({"user_id": train_u, "item_id": train_i}, dtype="int64").sample(frac=1, random_state=seed)
+    names = []
+    for k, part in enumerate(np.array_split(train, files)):
+        part.to_parquet(out / "train" / f"part_{k}.parquet", index=False)
+        names.append(f"train/part_{k}.parquet")
+    labels = np.zeros(len(test_u), "float32")
+    labels[:: negatives + 1] = 1.0
+    pd.DataFrame({"user_id": np.array(test_u, "int64"), "item_id": np.array(test_i, "int64"), "label": labels}) \
+        .to_parquet(out / "test" / "part_0.parquet", index=False)
+    domain = lambda name, n: {"domain": {"min": 0, "max": n - 1, "name": name}}  # noqa: E731
+    schema = Schema([
+        ColumnSchema("user_id", dtype="int64", tags=[Tags.USER_ID, Tags.USER, Tags.CATEGORICAL],
+                     properties=domain("user_id", nu)),
+        ColumnSchema("item_id", dtype="int64", tags=[Tags.ITEM_ID, Tags.ITEM, Tags.CATEGORICAL],
+                     properties=domain("item_id", ni)),
+    ])
+    TensorflowMetadata.from_merlin_schema(schema).to_proto_text_file(str(out / "train"))
+    spec = {
+        "feature_spec": {"user_id": {"dtype": "int64", "cardinality": nu},
+                         "item_id": {"dtype": "int64", "cardinality": ni}, "label": {"dtype": "float32"}},
+        "source_spec": {"train": [{"type": "parquet", "features": ["user_id", "item_id"], "files": names}],
+                        "test": [{"type": "parquet", "features": ["user_id", "item_id", "label"],
+                                  "files": ["test/part_0.parquet"]}]},
+        "channel_spec": {"user_ch": ["user_id"], "item_ch": ["item_id"], "label_ch": ["label"]},
+        "metadata": {"test_samples_per_series": negatives + 1, "first_index": first, "dataset": "planted"},
+    }
+    (out / "feature_spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    return out
+
+
+def run(args, timeout=240, env=None, **kwargs):
+    return subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env={**os.environ, **(env or {})}, **kwargs)
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    return write_planted_etl(tmp_path_factory.mktemp("planted") / "etl")
+
+
+@pytest.fixture(scope="module")
+def reference_run(planted, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference") / "run"
+    result = run([*TRAIN, "--data", planted, "--output", out, "--epochs", EPOCHS, *SMALL])
+    assert result.returncode == 0, result.stderr
+    return out, result
+
+
+def test_training_learns_the_planted_structure_and_writes_the_run_directory(reference_run):
+    out, result = reference_run
+    log = read_log(out)
+    assert [row["epoch"] for row in log] == list(range(1, EPOCHS + 1))
+    for row in log:
+        assert {"loss", "hr", "ndcg", "train_samples_per_s", "eval_samples_per_s", "epoch_time_s"} <= set(row)
+        assert row["train_samples"] == 6000 * 5  # every positive and its 4 negatives
+    assert log[-1]["loss"] < log[0]["loss"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["metrics"]["hr@10"] >= 0.5  # random ranking of 101 candidates: ~0.1
+    assert config["metrics"]["hr@10"] == max(row["hr"] for row in log)
+    assert config["model"]["config"]["nb_users"] == 403
+    assert "final test HR@10" in result.stdout
+    assert (out / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {p.name for p in (out / "checkpoints").iterdir()} == {"best.pt", "last.pt"}
+
+
+def test_torchscript_model_matches_the_best_checkpoint(reference_run):
+    from models import checkpoint as ckpt
+
+    out, _ = reference_run
+    scorer = torch.jit.load(str(out / "model.ts"))
+    model = ckpt.model_from(ckpt.load(out / "checkpoints" / "best.pt")).eval()
+    users, items = torch.tensor([3, 4, 5, 402]), torch.tensor([3, 100, 302, 7])
+    probabilities = scorer(users, items)
+    assert probabilities.dtype == torch.float32 and probabilities.shape == (4,)
+    with torch.no_grad():
+        torch.testing.assert_close(probabilities, torch.sigmoid(model(users, items)))
+    assert scorer(torch.tensor([3] * 1000), torch.arange(3, 1003) % 303).shape == (1000,)
+
+
+def test_resume_after_a_kill_matches_the_uninterrupted_run(reference_run, planted, tmp_path):
+    reference, _ = reference_run
+    out = tmp_path / "run"
+    # 15 optimizer steps per epoch: die in the middle of epoch 2.
+    killed = run([*TRAIN, "--data", planted, "--output", out, "--epochs", EPOCHS, *SMALL, "--stop-after-steps", "20"])
+    assert killed.returncode == -signal.SIGKILL
+    assert len(read_log(out)) == 1 and not (out / "model.ts").exists()
+    resumed = run([*TRAIN, "--data", planted, "--output", out, "--epochs", EPOCHS, *SMALL, "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    for got, want in zip(read_log(out), read_log(reference), strict=True):
+        for key in ("epoch", "loss", "hr", "ndcg", "train_samples"):
+            assert got[key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), key
+    weights = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["model"]["state"]
+    expected = torch.load(reference / "checkpoints" / "last.pt", weights_only=True)["model"]["state"]
+    for name in expected:
+        torch.testing.assert_close(weights[name], expected[name], rtol=0, atol=1e-6)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_process_gloo_ddp_matches_a_single_process(reference_run, planted, tmp_path):
+    reference, _ = reference_run
+    out = tmp_path / "ddp"
+    result = run([*TORCHRUN, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", free_port(),
+                  str(REPO / "models" / "train_ncf.py"), "--data", planted, "--output", out,
+                  "--epochs", EPOCHS, *SMALL])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("final test HR@10") == 1  # only rank 0 reports and writes
+    ddp, single = read_log(out), read_log(reference)
+    assert len(ddp) == len(single)
+    # Same global batch and optimizer steps; only the data order and negatives differ.
+    assert ddp[-1]["hr"] == pytest.approx(single[-1]["hr"], abs=0.1)
+    assert ddp[-1]["ndcg"] == pytest.approx(single[-1]["ndcg"], abs=0.1)
+    assert ddp[-1]["loss"] == pytest.approx(single[-1]["loss"], rel=0.15)
+    assert ddp[-1]["train_samples"] >= 0.9 * single[-1]["train_samples"]
+
+
+def test_mode_test_evaluates_a_checkpoint_without_writing(reference_run, planted):
+    out, _ = reference_run
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    result = run([*TRAIN, "--data", planted, "--output", out, "--mode", "test", "--no-progress"])
+    assert result.returncode == 0, result.stderr
+    hr = json.loads((out / "config.json").read_text())["metrics"]["hr@10"]
+    assert f"test HR@10 = {hr:.4f}" in result.stdout
+    assert before == {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+
+
+def test_bf16_autocast_on_cpu_trains(planted):
+    from models.data import load_candidates, open_etl
+    from models.neumf import NeuMF
+    from models.trainer import Trainer, TrainOptions
+
+    data = open_etl(planted)
+    model = NeuMF(data.num_users, data.num_items, mf_dim=16, mlp_layers=[32, 32, 16], dropout=0.1)
+    dtypes = []
+    model.final.register_forward_hook(lambda module, args, output: dtypes.append(output.dtype))
+    options = TrainOptions(epochs=2, batch_size=2000, lr=0.02, amp=True, progress=False)
+    trainer = Trainer(model, data, options, torch.device("cpu"))
+    state = trainer.fit(load_candidates(data, "test"), "test")
+    assert torch.bfloat16 in dtypes
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
+    assert state.epoch == 2 and np.isfinite(state.history[-1]["loss"])
+    assert state.history[-1]["loss"] < state.history[0]["loss"]
+
+
+def test_hub_entry_builds_and_loads_a_trained_checkpoint(reference_run):
+    out, _ = reference_run
+    fresh = torch.hub.load(str(REPO), "neumf", source="local", nb_users=20, nb_items=30, pretrained=False, mf_dim=8)
+    assert fresh(torch.tensor([1, 2]), torch.tensor([3, 4])).shape == (2,)
+    trained = torch.hub.load(str(REPO), "neumf", source="local", nb_users=403, nb_items=303,
+                             pretrained=str(out / "checkpoints" / "best.pt"))
+    scorer = torch.jit.load(str(out / "model.ts"))
+    users, items = torch.tensor([3, 9]), torch.tensor([10, 11])
+    with torch.no_grad():
+        torch.testing.assert_close(torch.sigmoid(trained(users, items)), scorer(users, items))
+    with pytest.raises(ValueError, match="nb_users"):
+        torch.hub.load(str(REPO), "neumf", source="local", nb_users=5, nb_items=303, checkpoint=str(out))
+
+
+# --- bad input: one line on stderr, exit 2, nothing written ------------------------------
+
+def assert_user_error(result, fragment):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert fragment in lines[0]
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--batch-size", "0"], "not a positive integer"),
+    (["--batch-size", "2.5"], "not a positive integer"),
+    (["--mode", "test", "--resume"], "--mode test only evaluates"),
+    (["--resume", "--force"], "pick one"),
+    (["--pretrained-gmf", "x.pt"], "needs both"),
+    (["--batch-size", "4"], "no positive per micro-batch"),
+])
+def test_impossible_options_are_refused_before_reading_anything(planted, tmp_path, args, fragment):
+    result = run([*TRAIN, "--data", planted, "--output", tmp_path / "run", *args])
+    assert_user_error(result, fragment)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_directory_that_is_not_etl_output_is_refused(tmp_path):
+    result = run([*TRAIN, "--data", tmp_path, "--output", tmp_path / "run"])
+    assert_user_error(result, "is this an ETL output directory?")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture
+def refused(capfd):
+    from models.train_ncf import main
+
+    def check(args, fragment):
+        assert main([str(a) for a in args]) == 2
+        err = capfd.readouterr().err.strip().splitlines()
+        assert err and fragment in err[-1], err
+        return err
+
+    return check
+
+
+def test_cardinality_mismatch_between_spec_and_data_is_refused(planted, tmp_path, refused):
+    bad = tmp_path / "etl"
+    bad.mkdir()
+    for part in ("train", "test"):
+        (bad / part).symlink_to(planted / part)
+    spec = yaml.safe_load((planted / "feature_spec.yaml").read_text())
+    spec["feature_spec"]["item_id"]["cardinality"] = 100
+    (bad / "feature_spec.yaml").write_text(yaml.safe_dump(spec))
+    refused(["--data", bad, "--output", tmp_path / "run"], "cardinality mismatch for item_id")
+    assert not (tmp_path / "run").exists()
+
+
+def test_test_ids_beyond_the_spec_are_refused(planted, tmp_path, refused):
+    bad = tmp_path / "etl"
+    (bad / "test").mkdir(parents=True)
+    (bad / "train").symlink_to(planted / "train")
+    (bad / "feature_spec.yaml").write_text((planted / "feature_spec.yaml").read_text())
+    lists = pd.read_parquet(planted / "test" / "part_0.parquet")
+    lists.loc[5, "item_id"] = 5000
+    lists.to_parquet(bad / "test" / "part_0.parquet", index=False)
+    refused(["--data", bad, "--output", tmp_path / "run"], "outside feature_spec's cardinality")
+    assert not (tmp_path / "run").exists()
+
+
+def test_corrupt_or_incompatible_checkpoints_are_refused(planted, reference_run, tmp_path, refused):
+    out, _ = reference_run
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    refused(["--data", planted, "--mode", "test", "--checkpoint", corrupt], "corrupt")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes((out / "checkpoints" / "best.pt").read_bytes()[:5000])
+    refused(["--data", planted, "--mode", "test", "--checkpoint", truncated], "corrupt")
+    other = tmp_path / "other"
+    write_planted_etl(other, users=50, items=300)
+    refused(["--data", other, "--mode", "test", "--checkpoint", out / "checkpoints" / "best.pt"],
+            "the data has 53 x 303")
+    refused(["--data", planted, "--output", tmp_path / "empty", "--resume"], "not found")
+    assert not (tmp_path / "empty").exists()
+
+
+def test_an_existing_run_is_not_overwritten(planted, reference_run, refused):
+    out, _ = reference_run
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    refused(["--data", planted, "--output", out, *SMALL], "pass --resume")
+    refused(["--data", planted, "--output", out, "--factors", "8", "--resume", "--no-progress"],
+            "other model options")
+    assert before == {p: p.stat().st_mtime_ns for p in out.rglob("*")}
