@@ -1,0 +1,51 @@
+"""Shared pytest fixtures. Each stage's engineer keeps a self-contained section."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+# ---------------------------------------------------------------------------------------
+# ETL (workflows/): seeded synthetic MovieLens data and the real ETL run on it.
+# ---------------------------------------------------------------------------------------
+
+ETL_SEED = 7
+# ~30k interactions: big enough for every user to have history, small enough for 2 cores.
+ETL_SIZE = dict(interactions=30_000, users=600, items=500)
+ETL_NEGATIVES = 100
+
+
+def run_command(script: str, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """Run one of the repository's commands as a user would, from a neutral working directory."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    result = subprocess.run([PYTHON, str(REPO / script), *args], capture_output=True, text=True,
+                            timeout=timeout, cwd=REPO.parent, env=env)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(args)} exited {result.returncode}:\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def raw_dir(tmp_path_factory) -> Path:
+    """A synthetic release in ml-1m format (ratings.dat, movies.dat), ~30k interactions."""
+    out = tmp_path_factory.mktemp("etl") / "raw"
+    run_command("workflows/synthetic.py", "--output", str(out), "--format", "ml-1m", "--seed", str(ETL_SEED),
+                "--interactions", str(ETL_SIZE["interactions"]), "--users", str(ETL_SIZE["users"]),
+                "--items", str(ETL_SIZE["items"]), "--quiet")
+    return out
+
+
+@pytest.fixture(scope="session")
+def etl_dir(raw_dir) -> Path:
+    """The real ETL (in-process, CPU) on raw_dir with --validation: the layout of docs/pipeline.md."""
+    out = raw_dir.parent / "etl"
+    run_command("workflows/etl.py", "--input", str(raw_dir), "--output", str(out), "--validation",
+                "--device", "cpu", "--negatives", str(ETL_NEGATIVES), "--seed", str(ETL_SEED), "--quiet")
+    return out

@@ -1,0 +1,75 @@
+"""The NVTabular workflows of the ETL, one per step.
+
+Each step is its own Workflow over the previous step's output: Filter before a statistic
+inside one graph misaligns rows when its branches are joined, so steps are chained instead.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nvtabular as nvt
+from nvtabular import ops
+
+from workflows.readers import ITEM, RATING, TIME, USER
+
+INTERACTION = [USER, ITEM, TIME]
+PAIR = [USER, ITEM]
+ORDER_KEY = "order_key"
+COUNT = f"{USER}_count"
+LATEST = f"{USER}_{ORDER_KEY}_max"
+# Categorify's reserved indices: 0 padding, 1 null, 2 out-of-vocabulary; real ids from 3.
+FIRST_INDEX = 3
+
+
+def rating_filter(min_rating: float) -> nvt.Workflow:
+    """Implicit feedback: keep interactions rated at least `min_rating`."""
+    kept = (INTERACTION + [RATING]) >> ops.Filter(lambda df: df[RATING] >= min_rating)
+    return nvt.Workflow(kept[INTERACTION])
+
+
+def activity_filter(min_interactions: int, work_dir: Path) -> nvt.Workflow:
+    """Drop users with fewer than `min_interactions` interactions."""
+    counts = [USER] >> ops.JoinGroupby(cont_cols=[TIME], stats=["count"], out_path=str(work_dir))
+    kept = (INTERACTION + counts) >> ops.Filter(lambda df: df[COUNT] >= min_interactions)
+    return nvt.Workflow(kept[INTERACTION])
+
+
+def encoding(freq_threshold: int, work_dir: Path) -> tuple[nvt.Workflow, nvt.Workflow]:
+    """Categorify users and items, tagged USER_ID/ITEM_ID.
+
+    Returns (etl, saved): `etl` also passes the timestamp through for the split; `saved`
+    shares its fitted operators and maps raw user_id, item_id only, for serving.
+    """
+    def categorify():
+        return ops.Categorify(freq_threshold=freq_threshold, out_path=str(work_dir))
+
+    users = [USER] >> categorify() >> ops.TagAsUserID()
+    items = [ITEM] >> categorify() >> ops.TagAsItemID()
+    return nvt.Workflow(users + items + [TIME]), nvt.Workflow(users + items)
+
+
+def holdout_flag(item_cardinality: int, work_dir: Path) -> nvt.Workflow:
+    """Add each row's order key and its user's latest key and interaction count.
+
+    The order key timestamp * cardinality + item is unique per (time, item), so the maximum
+    per user picks one row deterministically, without a shuffle or sort.
+    """
+    order_key = [TIME] >> ops.LambdaOp(lambda ts, df: ts * item_cardinality + df[ITEM], dependency=[ITEM],
+                                       label=ORDER_KEY) >> ops.Rename(name=ORDER_KEY)
+    latest = [USER] >> ops.JoinGroupby(cont_cols=order_key, stats=["count", "max"], out_path=str(work_dir))
+    return nvt.Workflow(INTERACTION + order_key + latest)
+
+
+def _held_out(df):
+    """The user's latest row, except for users with a single interaction and the
+    out-of-vocabulary pseudo-user: those keep everything in train."""
+    return (df[ORDER_KEY] == df[LATEST]) & (df[COUNT] >= 2) & (df[USER] >= FIRST_INDEX)
+
+
+def select_holdout(held_out: bool) -> nvt.Workflow:
+    """The held-out rows (user, item) or the rest (user, item, timestamp) of a flagged log."""
+    flagged = INTERACTION + [ORDER_KEY, COUNT, LATEST]
+    if held_out:
+        return nvt.Workflow((flagged >> ops.Filter(_held_out))[PAIR])
+    return nvt.Workflow((flagged >> ops.Filter(lambda df: ~_held_out(df)))[INTERACTION])

@@ -1,0 +1,73 @@
+"""Evaluation negatives: for each held-out user, K distinct items the user never interacted with.
+
+Written by hand because NVTabular has no sampler: vectorised rejection sampling over all
+users at once against the sorted (user * n_items + item) keys of every interaction.
+Works on numpy or cupy arrays alike (pass the module as `xp`).
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import numpy as np
+
+from workflows.errors import EtlError
+
+
+def interaction_keys(users, items, n_items: int, xp: ModuleType = np):
+    """Sorted, distinct int64 keys user * n_items + item."""
+    return xp.unique(users.astype(xp.int64) * n_items + items.astype(xp.int64))
+
+
+def _contains(sorted_keys, queries, xp: ModuleType):
+    pos = xp.searchsorted(sorted_keys, queries)
+    pos = xp.minimum(pos, sorted_keys.size - 1)
+    return sorted_keys[pos] == queries
+
+
+def _repeated_in_row(candidates, xp: ModuleType):
+    """True where a value already appeared earlier (in sorted order) in the same row."""
+    order = xp.argsort(candidates, axis=1, kind="stable")
+    ranked = xp.take_along_axis(candidates, order, axis=1)
+    repeated = xp.zeros(candidates.shape, dtype=bool)
+    dup = ranked[:, 1:] == ranked[:, :-1]
+    rows = xp.nonzero(dup)[0]
+    repeated[rows, order[:, 1:][dup]] = True
+    return repeated
+
+
+def check_feasible(sorted_keys, users, n_items: int, first_index: int, k: int, xp: ModuleType = np) -> None:
+    """Every user needs k items outside their history among the real items."""
+    key_users = sorted_keys // n_items
+    seen = xp.searchsorted(key_users, users, side="right") - xp.searchsorted(key_users, users, side="left")
+    free = (n_items - first_index) - seen
+    worst = int(free.min()) if free.size else k
+    if worst < k:
+        raise EtlError(f"a test user has only {worst} items left to sample as negatives; lower --negatives below that")
+
+
+def sample_negatives(sorted_keys, users, n_items: int, first_index: int, k: int, rng,
+                     xp: ModuleType = np, max_rounds: int = 1000):
+    """A (len(users), k) int64 array; row i holds k distinct items in [first_index, n_items)
+    that users[i] never interacted with. Only colliding draws are redrawn, so the result
+    depends on the seed and the data alone."""
+    check_feasible(sorted_keys, users, n_items, first_index, k, xp)
+    users = users.astype(xp.int64)[:, None]
+    candidates = rng.integers(first_index, n_items, size=(users.shape[0], k), dtype=xp.int64)
+    for _ in range(max_rounds):
+        bad = _contains(sorted_keys, users * n_items + candidates, xp) if sorted_keys.size else \
+            xp.zeros(candidates.shape, dtype=bool)
+        bad |= _repeated_in_row(candidates, xp)
+        n_bad = int(bad.sum())
+        if n_bad == 0:
+            return candidates
+        candidates[bad] = rng.integers(first_index, n_items, size=n_bad, dtype=xp.int64)
+    raise EtlError("negative sampling did not converge: too few items outside the users' histories")
+
+
+def candidate_lists(users, positives, negatives, xp: ModuleType = np):
+    """Rows grouped per user: the positive first (label 1), then its negatives (label 0)."""
+    k = negatives.shape[1]
+    items = xp.concatenate([positives.astype(xp.int64)[:, None], negatives], axis=1).ravel()
+    labels = xp.tile(xp.asarray([1.0] + [0.0] * k, dtype=xp.float32), users.shape[0])
+    return xp.repeat(users.astype(xp.int64), k + 1), items, labels

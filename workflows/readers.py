@@ -1,0 +1,233 @@
+"""Readers for the MovieLens releases' own files and for any CSV/parquet interaction log.
+
+Every reader returns a Dask DataFrame (pandas or cuDF partitions) with integer columns
+user_id, item_id, timestamp and, where the log has one, a float rating; plus the item
+table (raw_item_id, title, genres) where the release ships one.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from workflows.cluster import Backend
+from workflows.errors import EtlError, one_line
+
+USER, ITEM, TIME, RATING = "user_id", "item_id", "timestamp", "rating"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a MovieLens release keeps its ratings and movies, and how they are written."""
+
+    ratings: str
+    sep: str
+    header: bool
+    movies: str | None
+    rating_step: float  # whole stars (ml-100k, ml-1m) or half stars
+
+
+_DAT = dict(ratings="ratings.dat", sep="::", header=False, movies="movies.dat")
+_CSV = dict(ratings="ratings.csv", sep=",", header=True, movies="movies.csv", rating_step=0.5)
+LAYOUTS: dict[str, Layout] = {
+    "ml-100k": Layout(ratings="u.data", sep="\t", header=False, movies="u.item", rating_step=1.0),
+    "ml-1m": Layout(**_DAT, rating_step=1.0),
+    "ml-10m": Layout(**_DAT, rating_step=0.5),
+    "ml-20m": Layout(**_CSV),
+    "ml-25m": Layout(**_CSV),
+    "ml-latest": Layout(**_CSV),
+    "ml-latest-small": Layout(**_CSV),
+}
+GENERIC_FORMATS = ("csv", "parquet")
+FORMATS = ("auto", *LAYOUTS, *GENERIC_FORMATS)
+
+# MovieLens' own header of ratings.csv (ml-20m and later).
+ML_CSV_COLUMNS = {"userId": USER, "movieId": ITEM, "rating": RATING, "timestamp": TIME}
+ML100K_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
+                 "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
+                 "Romance", "Sci-Fi", "Thriller", "War", "Western"]
+
+
+@dataclass(frozen=True)
+class ColumnNames:
+    """Column names of a generic log (--user-col etc.); rating is optional."""
+
+    user: str = USER
+    item: str = ITEM
+    time: str = TIME
+    rating: str | None = RATING
+
+
+@dataclass
+class RawLog:
+    interactions: object  # dask DataFrame: user_id, item_id, timestamp[, rating]
+    items: pd.DataFrame | None  # raw_item_id, title, genres
+    fmt: str
+    ratings_path: Path
+
+
+def detect_format(path: Path) -> str:
+    """Guess the release from the files present (ml-1m and ml-10m share a layout)."""
+    candidates = [path / name for name in ("u.data", "ratings.dat", "ratings.csv")] if path.is_dir() else [path]
+    for candidate in candidates:
+        if not candidate.is_file():
+            continue
+        name = candidate.name
+        if name == "u.data":
+            return "ml-100k"
+        if name.endswith(".dat"):
+            return "ml-1m"
+        if name == "ratings.csv" and _csv_header(candidate)[:2] == ["userId", "movieId"]:
+            return "ml-20m"
+        if name.endswith(".parquet"):
+            return "parquet"
+        if name.endswith((".csv", ".tsv", ".txt")):
+            return "csv"
+    if path.is_dir():
+        parquet = sorted(path.glob("*.parquet"))
+        if parquet:
+            return "parquet"
+        raise EtlError(f"{path} holds no u.data, ratings.dat, ratings.csv or *.parquet: pass --format")
+    raise EtlError(f"cannot tell the format of {path}: pass --format ({', '.join(FORMATS[1:])})")
+
+
+def read_log(path: str | os.PathLike, fmt: str, backend: Backend, columns: ColumnNames = ColumnNames(),
+             partition_size: str | int = "128MB") -> RawLog:
+    path = Path(path)
+    if not path.exists():
+        raise EtlError(f"input {path} does not exist")
+    if fmt not in FORMATS:
+        raise EtlError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if fmt == "auto":
+        fmt = detect_format(path)
+    if fmt in LAYOUTS:
+        return _read_movielens(path, fmt, backend, partition_size)
+    if fmt == "csv":
+        return _read_generic_csv(path, backend, columns, partition_size)
+    return _read_generic_parquet(path, backend, columns, partition_size)
+
+
+# --- MovieLens releases ---------------------------------------------------------------
+
+def _release_file(path: Path, name: str) -> Path:
+    if path.is_file():
+        return path
+    found = path / name
+    if not found.is_file():
+        raise EtlError(f"{found} not found: is {path} an unpacked MovieLens release of this format?")
+    return found
+
+
+def _read_movielens(path: Path, fmt: str, backend: Backend, partition_size) -> RawLog:
+    layout = LAYOUTS[fmt]
+    ratings = _release_file(path, layout.ratings)
+    dtypes = {USER: "int64", ITEM: "int64", RATING: "float64", TIME: "int64"}
+    if layout.header:
+        header = _csv_header(ratings)
+        if [c for c in ML_CSV_COLUMNS if c not in header]:
+            raise EtlError(f"{ratings} header is {','.join(header)}; expected userId,movieId,rating,timestamp")
+        ddf = backend.dd.read_csv(str(ratings), sep=",", header=0, usecols=list(ML_CSV_COLUMNS),
+                                  dtype={k: dtypes[v] for k, v in ML_CSV_COLUMNS.items()},
+                                  blocksize=partition_size)
+        ddf = ddf.rename(columns=ML_CSV_COLUMNS)
+    elif layout.sep == "::":
+        # Split on ':' and keep every other field: the fast C parser takes only one-char separators.
+        names = [USER, "_1", ITEM, "_2", RATING, "_3", TIME]
+        ddf = backend.dd.read_csv(str(ratings), sep=":", header=None, names=names, usecols=[USER, ITEM, RATING, TIME],
+                                  dtype={**dtypes, "_1": "float64", "_2": "float64", "_3": "float64"},
+                                  blocksize=partition_size)
+    else:
+        ddf = backend.dd.read_csv(str(ratings), sep=layout.sep, header=None, names=[USER, ITEM, RATING, TIME],
+                                  dtype=dtypes, blocksize=partition_size)
+    ddf = ddf[[USER, ITEM, TIME, RATING]]
+    movies = None if path.is_file() else path / layout.movies
+    items = read_movies(movies, fmt) if movies is not None and movies.is_file() else None
+    return RawLog(ddf, items, fmt, ratings)
+
+
+def read_movies(path: Path, fmt: str) -> pd.DataFrame:
+    """The release's movie table as raw_item_id, title, genres ('|'-separated)."""
+    try:
+        if fmt == "ml-100k":
+            raw = pd.read_csv(path, sep="|", header=None, encoding="latin-1", dtype=str, keep_default_na=False)
+            flags = raw.iloc[:, 5:5 + len(ML100K_GENRES)].to_numpy() == "1"
+            genres = ["|".join(g for g, on in zip(ML100K_GENRES, row) if on) for row in flags]
+            items = pd.DataFrame({"raw_item_id": raw[0].astype("int64"), "title": raw[1], "genres": genres})
+        elif LAYOUTS[fmt].sep == "::":
+            # Titles contain ':' (e.g. "Star Wars: Episode IV"), so split on the full '::'.
+            lines = path.read_text(encoding="latin-1").splitlines()
+            fields = [line.split("::", 2) for line in lines if line]
+            items = pd.DataFrame(fields, columns=["raw_item_id", "title", "genres"])
+            items["raw_item_id"] = items["raw_item_id"].astype("int64")
+        else:
+            items = pd.read_csv(path, dtype={"movieId": "int64", "title": str, "genres": str}, keep_default_na=False)
+            items = items.rename(columns={"movieId": "raw_item_id"})[["raw_item_id", "title", "genres"]]
+    except (ValueError, KeyError, IndexError, pd.errors.ParserError) as exc:
+        raise EtlError(f"malformed movie table {path}: {one_line(exc)}") from None
+    return items.drop_duplicates("raw_item_id").reset_index(drop=True)
+
+
+# --- generic logs --------------------------------------------------------------------
+
+def _csv_header(path: Path) -> list[str]:
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        return [c.strip().strip('"') for c in fh.readline().rstrip("\n").split(",")]
+
+
+def _wanted(columns: ColumnNames, available: list[str], path: Path) -> dict[str, str]:
+    wanted = {columns.user: USER, columns.item: ITEM, columns.time: TIME}
+    missing = [c for c in wanted if c not in available]
+    if missing:
+        raise EtlError(f"{path} lacks column(s) {', '.join(missing)} (has: {', '.join(available)}); "
+                       "name them with --user-col/--item-col/--time-col")
+    if columns.rating and columns.rating in available:
+        wanted[columns.rating] = RATING
+    return wanted
+
+
+def _read_generic_csv(path: Path, backend: Backend, columns: ColumnNames, partition_size) -> RawLog:
+    if path.is_dir():
+        raise EtlError(f"{path} is a directory; --format csv reads one CSV file")
+    wanted = _wanted(columns, _csv_header(path), path)
+    # Timestamps may be written as floats; ids must parse as integers.
+    dtypes = {USER: "int64", ITEM: "int64", TIME: "float64", RATING: "float64"}
+    ddf = backend.dd.read_csv(str(path), sep=",", header=0, usecols=list(wanted),
+                              dtype={src: dtypes[dst] for src, dst in wanted.items()}, blocksize=partition_size)
+    ddf = ddf.rename(columns=wanted)
+    ddf[TIME] = ddf[TIME].astype("int64")
+    return RawLog(ddf[list(dict.fromkeys([USER, ITEM, TIME, *wanted.values()]))], None, "csv", path)
+
+
+def _read_generic_parquet(path: Path, backend: Backend, columns: ColumnNames, partition_size) -> RawLog:
+    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+    if not files:
+        raise EtlError(f"{path} holds no .parquet files")
+    try:
+        import pyarrow.parquet as pq
+
+        schema = pq.read_schema(files[0])
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for unreadable files
+        raise EtlError(f"{files[0]} is not a readable parquet file: {one_line(exc)}") from None
+    wanted = _wanted(columns, schema.names, path)
+    ddf = backend.dd.read_parquet([str(f) for f in files], columns=list(wanted), split_row_groups=True)
+    ddf = ddf.rename(columns=wanted)
+    for col in (USER, ITEM):
+        if not pd.api.types.is_integer_dtype(ddf[col].dtype):
+            raise EtlError(f"column {_source(wanted, col)!r} of {path} holds {ddf[col].dtype} values; ids must be integers")
+        ddf[col] = ddf[col].astype("int64")
+    if pd.api.types.is_datetime64_any_dtype(ddf[TIME].dtype):
+        ddf[TIME] = ddf[TIME].astype("datetime64[ns]").astype("int64") // 1_000_000_000
+    elif pd.api.types.is_numeric_dtype(ddf[TIME].dtype):
+        ddf[TIME] = ddf[TIME].astype("int64")
+    else:
+        raise EtlError(f"column {_source(wanted, TIME)!r} of {path} holds {ddf[TIME].dtype} values; timestamps must be numbers or datetimes")
+    if RATING in ddf.columns:
+        ddf[RATING] = ddf[RATING].astype("float64")
+    return RawLog(ddf[list(dict.fromkeys([USER, ITEM, TIME, *wanted.values()]))], None, "parquet", path)
+
+
+def _source(wanted: dict[str, str], canonical: str) -> str:
+    return next(src for src, dst in wanted.items() if dst == canonical)

@@ -1,0 +1,41 @@
+"""Leave-one-out by time: hold out each user's latest interaction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dask
+
+from workflows.cluster import Backend
+from workflows.graph import INTERACTION, PAIR, holdout_flag, select_holdout
+
+
+def to_dataset(ddf, backend: Backend):
+    from merlin.io import Dataset
+
+    return Dataset(ddf, cpu=not backend.gpu)
+
+
+def write_parquet(ddfs: dict[Path, object]) -> None:
+    """Write several Dask DataFrames in one pass, so they share their upstream work."""
+    dask.compute(*[ddf.to_parquet(str(path), write_index=False, compute=False) for path, ddf in ddfs.items()])
+
+
+def read_parquet(path: Path, backend: Backend, columns: list[str]):
+    return backend.dd.read_parquet(str(path), columns=columns)
+
+
+def split_latest(interactions: Path, item_cardinality: int, work_dir: Path, name: str,
+                 backend: Backend) -> tuple[Path, Path]:
+    """Write `name`_positives (user, item: one per eligible user) and `name`_rest (the other
+    rows, with timestamps) under work_dir; returns their paths."""
+    flagger = holdout_flag(item_cardinality, work_dir / f"{name}_stats")
+    source = to_dataset(read_parquet(interactions, backend, INTERACTION), backend)
+    flagger.fit(source)
+    flagged = flagger.transform(source)
+    positives, rest = work_dir / f"{name}_positives", work_dir / f"{name}_rest"
+    write_parquet({
+        positives: select_holdout(True).fit_transform(flagged).to_ddf()[PAIR],
+        rest: select_holdout(False).fit_transform(flagged).to_ddf()[INTERACTION],
+    })
+    return positives, rest
