@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Callable
+
+from workflows.errors import EXIT_USER_ERROR
 
 
 class ServingError(RuntimeError):
@@ -15,8 +18,8 @@ def run_cli(main: Callable[[], int | None]) -> None:
     try:
         code = main()
     except ServingError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        print(f"{Path(sys.argv[0]).name}: error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

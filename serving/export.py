@@ -26,6 +26,8 @@ import tritonclient.grpc.model_config_pb2 as mc
 
 from serving.errors import ServingError, run_cli
 from serving.repository import VERSION, tensor, validate_repository, write_config
+from workflows.atomic import atomic_directory
+from workflows.cluster import quiet_merlin
 from workflows.feature_spec import FeatureSpec, FeatureSpecError
 
 FLAVOURS = ("auto", "python", "libtorch")
@@ -283,9 +285,7 @@ def export(data: Path, run: Path, output: Path, flavour: str = "auto", top_k: in
         raise ServingError(f"{output} exists (pass --overwrite to replace it)")
     inputs = locate_inputs(data, run)
     flavour = resolve_flavour(flavour)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
-    try:
+    with atomic_directory(output) as staging:
         log(f"workflow step from {inputs.workflow_dir}")
         write_workflow_step(staging, inputs, unknown_ids, instances, top_k or 10)
         log(f"model step ({flavour}) from {inputs.torchscript}")
@@ -301,21 +301,7 @@ def export(data: Path, run: Path, output: Path, flavour: str = "auto", top_k: in
         log("checking every config.pbtxt and the ensemble wiring; scoring every item once")
         validate_repository(staging)
         check_scoring(staging, inputs)
-        _replace(staging, output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return flavour
-
-
-def _replace(staging: Path, output: Path) -> None:
-    if output.exists():
-        old = output.with_name(f".{output.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        output.rename(old)
-        staging.rename(output)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(output)
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -342,6 +328,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    quiet_merlin()
     flavour = export(args.data, args.run, args.output, args.flavour, args.top_k, args.unknown_ids,
                      args.instances, args.overwrite)
     print(f"wrote {args.output} (model step: {flavour}); serve it with: python serving/serve.py --repository {args.output}")

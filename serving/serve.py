@@ -27,6 +27,7 @@ from serving.server_runtime import TritonInstallation, find_tritonserver, free_p
 STOP_GRACE_S = 15.0
 _LOG_TAIL_LINES = 400
 _ERROR_REPORT_LINES = 12
+_HARMLESS_ON_CPU = ("CudaDriverHelper", "NVML", "DCGM", "unable to create stream", "CUDA driver version")
 
 
 class TritonServer:
@@ -114,6 +115,14 @@ class TritonServer:
                 self.log_sink.write(line)
                 self.log_sink.flush()
 
+    def first_error(self) -> str:
+        """Triton's first real error line (not the CPU-only noise), without its log prefix."""
+        for line in self._log_tail:
+            if line.startswith("E") and not any(noise in line for noise in _HARMLESS_ON_CPU):
+                message = line.split("] ", 1)[-1].strip().strip('"')
+                return message if len(message) <= 300 else message[:300] + " ..."
+        return "no error line in its log"
+
     def log_tail(self) -> str:
         """The log's error lines (Triton prefixes them with E) and its last lines, for reports."""
         lines = list(self._log_tail)
@@ -131,8 +140,8 @@ class TritonServer:
                     if self._log_thread is not None:
                         self._log_thread.join(timeout=2)
                     raise ServingError(
-                        f"tritonserver exited with code {self.process.returncode} before it was ready; "
-                        f"last log lines:\n{self.log_tail()}"
+                        f"tritonserver exited with code {self.process.returncode} before it was ready: "
+                        f"{self.first_error()}\n{self.log_tail()}"
                     )
                 try:
                     if client.is_server_ready():
@@ -141,8 +150,8 @@ class TritonServer:
                     pass
                 if time.monotonic() > deadline:
                     raise ServingError(
-                        f"tritonserver not ready after {self.startup_timeout_s:.0f} s; "
-                        f"last log lines:\n{self.log_tail()}"
+                        f"tritonserver not ready after {self.startup_timeout_s:.0f} s: "
+                        f"{self.first_error()}\n{self.log_tail()}"
                     )
                 time.sleep(0.1)
 
@@ -218,7 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     try:
-        server.start()
+        try:
+            server.start()
+        except ServingError as exc:
+            # The log went to stdout already (unless --quiet): the summary line is enough.
+            raise ServingError(str(exc) if args.quiet else str(exc).splitlines()[0]) from None
         urls = {"http": server.http_url, "grpc": server.grpc_url, "metrics": f"{args.host}:{server.metrics_port}"}
         print(f"tritonserver ready: HTTP {urls['http']}, gRPC {urls['grpc']} (Ctrl-C stops it)", flush=True)
         if args.ready_file:

@@ -1,0 +1,219 @@
+"""Query the served ensemble over HTTP or gRPC: scores for (user, items), or a user's top-K.
+
+`RecommenderClient` is the Python API (tests, benchmark); the CLI prints a table of raw item
+ids, titles and scores, e.g. `python serving/client.py --user 42 --top-k 10`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python serving/client.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+
+from serving.errors import ServingError, run_cli
+
+PROTOCOLS = ("http", "grpc")
+DEFAULT_URLS = {"http": "127.0.0.1:8000", "grpc": "127.0.0.1:8001"}
+SCORES_MODEL, RECOMMEND_MODEL = "scores", "recommend"
+
+
+@dataclass
+class Recommendations:
+    item_ids: np.ndarray
+    scores: np.ndarray
+    titles: list[str]
+
+
+class RecommenderClient:
+    """One connection to the server; not shared between threads."""
+
+    def __init__(self, url: str | None = None, protocol: str = "http", user_column: str = "user_id",
+                 item_column: str = "item_id", timeout_s: float = 30.0):
+        if protocol not in PROTOCOLS:
+            raise ServingError(f"protocol must be one of {PROTOCOLS}, not {protocol!r}")
+        self.protocol = protocol
+        self.url = url or DEFAULT_URLS[protocol]
+        self.user_column, self.item_column = user_column, item_column
+        self._api = _tritonclient(protocol)
+        try:
+            if protocol == "http":
+                self._client = self._api.InferenceServerClient(self.url, connection_timeout=timeout_s, network_timeout=timeout_s)
+            else:
+                self._client = self._api.InferenceServerClient(self.url)
+        except Exception as exc:
+            raise ServingError(f"cannot create a {protocol} client for {self.url}: {_first_line(exc)}") from None
+        self.timeout_s = timeout_s
+
+    # --- requests --------------------------------------------------------------------------
+
+    def scores(self, users, items) -> np.ndarray:
+        """Probabilities for each (user, item) pair; one user is paired with every item."""
+        result = self._infer(SCORES_MODEL, {self.user_column: _ids(users), self.item_column: _ids(items)}, ["score"])
+        return result.as_numpy("score")
+
+    def recommend(self, user: int, items=None, top_k: int | None = None) -> Recommendations:
+        """The `top_k` best items for `user` among `items` (default: every item), best first."""
+        tensors = {self.user_column: _ids([user])}
+        if items is not None:
+            tensors[self.item_column] = _ids(items)
+        if top_k is not None:
+            tensors["top_k"] = np.array([top_k], dtype=np.int32)
+        result = self._infer(RECOMMEND_MODEL, tensors, ["top_item_id", "top_score", "top_title"])
+        titles = [t.decode() if isinstance(t, bytes) else str(t) for t in result.as_numpy("top_title").reshape(-1)]
+        return Recommendations(result.as_numpy("top_item_id"), result.as_numpy("top_score"), titles)
+
+    def _infer(self, model: str, tensors: dict[str, np.ndarray], outputs: list[str]):
+        inputs = []
+        for name, array in tensors.items():
+            tensor = self._api.InferInput(name, list(array.shape), _triton_dtype(array))
+            tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
+        requested = [self._api.InferRequestedOutput(name) for name in outputs]
+        try:
+            if self.protocol == "grpc":
+                return self._client.infer(model, inputs, outputs=requested, client_timeout=self.timeout_s)
+            return self._client.infer(model, inputs, outputs=requested)
+        except Exception as exc:
+            raise ServingError(self._describe(exc)) from None
+
+    def _describe(self, exc: Exception) -> str:
+        message = _first_line(exc)
+        lowered = message.lower()
+        if any(s in lowered for s in ("connection refused", "failed to connect", "unavailable", "connect call failed")):
+            return f"cannot reach tritonserver at {self.url} ({self.protocol}): is serving/serve.py running?"
+        return message
+
+    # --- server state ----------------------------------------------------------------------
+
+    def is_ready(self) -> bool:
+        try:
+            return bool(self._client.is_server_ready())
+        except Exception:
+            return False
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not self.is_ready():
+            if time.monotonic() > deadline:
+                raise ServingError(f"tritonserver at {self.url} not ready after {timeout_s:.0f} s")
+            time.sleep(0.2)
+
+    def has_model(self, name: str) -> bool:
+        try:
+            return bool(self._client.is_model_ready(name))
+        except Exception:
+            return False
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> "RecommenderClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _tritonclient(protocol: str):
+    if protocol == "http":
+        import tritonclient.http as api
+    else:
+        import tritonclient.grpc as api
+    return api
+
+
+def _ids(values) -> np.ndarray:
+    array = np.asarray(values)
+    if array.dtype.kind not in "iu":
+        raise ServingError(f"ids must be integers, got {array.dtype}")
+    return array.astype(np.int64).reshape(-1)
+
+
+def _triton_dtype(array: np.ndarray) -> str:
+    return {np.dtype(np.int64): "INT64", np.dtype(np.int32): "INT32"}[array.dtype]
+
+
+def _first_line(exc: Exception) -> str:
+    text = exc.message() if callable(getattr(exc, "message", None)) else str(exc)
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+# --- command line --------------------------------------------------------------------------------
+
+
+def parse_item_list(text: str) -> list[int]:
+    try:
+        items = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ServingError(f"--items must be comma-separated integer ids, got {text!r}") from None
+    if not items:
+        raise ServingError("--items is empty")
+    return items
+
+
+def format_table(user: int, rows: Recommendations) -> str:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"user {user}", title_justify="left")
+    table.add_column("rank", justify="right")
+    table.add_column("item id", justify="right")
+    if any(rows.titles):
+        table.add_column("title")
+    table.add_column("score", justify="right")
+    for rank, (item, score, title) in enumerate(zip(rows.item_ids, rows.scores, rows.titles), start=1):
+        cells = [str(rank), str(item)] + ([title] if any(rows.titles) else []) + [f"{score:.4f}"]
+        table.add_row(*cells)
+    console = Console(width=100, force_terminal=False, record=True)
+    with console.capture() as capture:
+        console.print(table)
+    return capture.get()
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Ask the served recommender for a user's top-K items, or for scores of given items."
+    )
+    parser.add_argument("--user", required=True, type=int, help="raw user id (as in the input data)")
+    parser.add_argument("--items", type=parse_item_list,
+                        help="comma-separated raw item ids to score (default: rank every item)")
+    parser.add_argument("--top-k", type=int,
+                        help="how many items to show (default: the export's --top-k, or every item given with --items)")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="http", help="http (default) or grpc")
+    parser.add_argument("--url", help="server address host:port (default 127.0.0.1:8000 for http, :8001 for grpc)")
+    parser.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the server to become ready (default 0)")
+    parser.add_argument("--timeout", type=float, default=30.0, help="request timeout in seconds (default 30)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    if args.top_k is not None and args.top_k < 1:
+        raise ServingError(f"--top-k must be >= 1, got {args.top_k}")
+    with RecommenderClient(args.url, args.protocol, timeout_s=args.timeout) as client:
+        if args.wait:
+            client.wait_ready(args.wait)
+        elif not client.is_ready():
+            raise ServingError(f"cannot reach tritonserver at {client.url} ({args.protocol}): is serving/serve.py running?")
+        if client.has_model(RECOMMEND_MODEL):
+            top_k = args.top_k or (len(args.items) if args.items else None)
+            rows = client.recommend(args.user, args.items, top_k)
+        elif args.items:  # exported with --top-k 0: scores only, in the order asked
+            scores = client.scores([args.user], args.items)
+            rows = Recommendations(np.asarray(args.items), scores, [""] * len(args.items))
+        else:
+            raise ServingError("the server has no 'recommend' model (exported with --top-k 0): pass --items")
+    print(format_table(args.user, rows), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,346 @@
+"""Serving: the exported ensemble on a real tritonserver (127.0.0.1, free ports) against the
+in-process workflow + TorchScript; bad requests; the libtorch repository; export's CLI errors."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from serving.client import RecommenderClient
+from serving.errors import ServingError
+from serving.export import export
+from serving.repository import read_config, validate_repository
+from serving.serve import TritonServer
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+pytestmark = pytest.mark.slow
+
+
+# --- stand-ins until the shared ETL/training fixtures land -----------------------------------------
+
+
+class _DotModel(torch.nn.Module):
+    def __init__(self, num_users: int, num_items: int):
+        super().__init__()
+        self.users, self.items = torch.nn.Embedding(num_users, 8), torch.nn.Embedding(num_items, 8)
+
+    def forward(self, user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid((self.users(user) * self.items(item)).sum(-1))
+
+
+def _standin(root: Path) -> tuple[Path, Path]:
+    import nvtabular as nvt
+    from merlin.io import Dataset
+
+    from workflows.feature_spec import FeatureSpec
+
+    etl, run = root / "etl", root / "run"
+    etl.mkdir(parents=True)
+    run.mkdir()
+    rng = np.random.default_rng(0)
+    raw = pd.DataFrame({"user_id": rng.integers(1000, 1060, 1500), "item_id": rng.integers(5000, 5200, 1500)}).astype("int64")
+    workflow = nvt.Workflow(["user_id", "item_id"] >> nvt.ops.Categorify(out_path=str(root / "cats")))
+    encoded = workflow.fit_transform(Dataset(raw)).to_ddf().compute()
+    workflow.save(str(etl / "workflow"))
+    (etl / "train").mkdir()
+    encoded.to_parquet(etl / "train" / "part_0.parquet")
+    num_users, num_items = int(encoded.user_id.max()) + 1, int(encoded.item_id.max()) + 1
+    unique = pd.read_parquet(etl / "workflow" / "categories" / "unique.item_id.parquet")
+    pd.DataFrame({"item_id": unique.index.astype("int64"), "raw_item_id": unique.item_id.astype("int64"),
+                  "title": [f"Movie {i}" for i in unique.item_id]}).to_parquet(etl / "items.parquet")
+    files = {"type": "parquet", "features": ["user_id", "item_id"], "files": ["train/part_0.parquet"]}
+    FeatureSpec(
+        feature_spec={"user_id": {"dtype": "int64", "cardinality": num_users},
+                      "item_id": {"dtype": "int64", "cardinality": num_items}, "label": {"dtype": "float32"}},
+        source_spec={"train": [files], "test": [files]},
+        channel_spec={"user_ch": ["user_id"], "item_ch": ["item_id"], "label_ch": ["label"]},
+        metadata={"test_samples_per_series": 101, "first_index": 3, "workflow": "workflow", "item_table": "items.parquet"},
+    ).save(etl)
+    torch.manual_seed(0)
+    torch.jit.script(_DotModel(num_users, num_items)).save(str(run / "model.ts"))
+    return etl, run
+
+
+@pytest.fixture(scope="module")
+def serving_data(tmp_path_factory) -> tuple[Path, Path]:
+    return _standin(tmp_path_factory.mktemp("serving-data"))
+
+
+# --- the served repository ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def repository(serving_data, tmp_path_factory) -> Path:
+    etl, run = serving_data
+    path = tmp_path_factory.mktemp("serving-repo") / "repo"
+    assert export(etl, run, path, flavour="python", top_k=10, log=lambda *_: None) == "python"
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(repository):
+    with TritonServer(repository, startup_timeout_s=240) as running:
+        yield running
+    assert running.process.returncode == 0, running.log_tail()  # clean shutdown
+
+
+@pytest.fixture(params=["http", "grpc"])
+def client(request, server):
+    url = server.http_url if request.param == "http" else server.grpc_url
+    with RecommenderClient(url, request.param) as connected:
+        yield connected
+
+
+class InProcess:
+    """The reference: NVTabular's Workflow.transform and the run's TorchScript, no server."""
+
+    def __init__(self, etl: Path, run: Path):
+        import nvtabular as nvt
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.workflow = nvt.Workflow.load(str(etl / "workflow"))
+        self.model = torch.jit.load(str(run / "model.ts")).eval()
+        items = pd.read_parquet(etl / "items.parquet")
+        self.all_items = items.raw_item_id.to_numpy()
+        users = pd.read_parquet(etl / "workflow" / "categories" / "unique.user_id.parquet")
+        self.users = users.user_id.to_numpy()
+
+    def scores(self, user: int, items: np.ndarray) -> np.ndarray:
+        from merlin.io import Dataset
+
+        raw = pd.DataFrame({"user_id": np.full(len(items), user, np.int64), "item_id": np.asarray(items, np.int64)})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            encoded = self.workflow.transform(Dataset(raw)).to_ddf().compute()
+        with torch.inference_mode():
+            return self.model(torch.from_numpy(encoded.user_id.to_numpy()), torch.from_numpy(encoded.item_id.to_numpy())).numpy()
+
+    def ranking(self, user: int, items: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        scores = self.scores(user, items)
+        order = np.argsort(-scores, kind="stable")[:k]
+        return np.asarray(items)[order], scores[order]
+
+
+@pytest.fixture(scope="module")
+def reference(serving_data) -> InProcess:
+    return InProcess(*serving_data)
+
+
+def test_served_scores_equal_in_process_scores(client, reference):
+    rng = np.random.default_rng(1)
+    user = int(reference.users[3])
+    items = rng.choice(reference.all_items, 101, replace=False)
+    served = client.scores([user], items)
+    assert served.shape == (101,) and served.dtype == np.float32
+    np.testing.assert_allclose(served, reference.scores(user, items), atol=1e-5, rtol=0)
+    # One user per item also works (pairs of different users).
+    users = rng.choice(reference.users, 5)
+    pairs = client.scores(users, items[:5])
+    expected = [reference.scores(int(u), [i])[0] for u, i in zip(users, items[:5])]
+    np.testing.assert_allclose(pairs, expected, atol=1e-5, rtol=0)
+
+
+def test_served_top_k_equals_in_process_ranking(client, reference):
+    user = int(reference.users[7])
+    top = client.recommend(user, top_k=10)  # among every item
+    expected_items, expected_scores = reference.ranking(user, reference.all_items, 10)
+    np.testing.assert_array_equal(top.item_ids, expected_items)
+    np.testing.assert_allclose(top.scores, expected_scores, atol=1e-5, rtol=0)
+    assert top.titles == [f"Movie {i}" for i in expected_items]
+
+    candidates = reference.all_items[::3][:101]
+    among = client.recommend(user, candidates, top_k=5)
+    expected_items, _ = reference.ranking(user, candidates, 5)
+    np.testing.assert_array_equal(among.item_ids, expected_items)
+
+    default_k = client.recommend(user)  # the export's --top-k
+    assert len(default_k.item_ids) == 10
+
+
+def _send_raw(url: str, arrays: dict[str, np.ndarray]) -> None:
+    import tritonclient.http as http
+
+    inputs = []
+    for name, array in arrays.items():
+        tensor = http.InferInput(name, list(array.shape), {np.dtype(np.float32): "FP32"}.get(array.dtype, "INT64"))
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    with http.InferenceServerClient(url) as raw:
+        try:
+            raw.infer("scores", inputs)
+        except Exception as exc:
+            raise ServingError(str(exc)) from None
+
+
+@pytest.mark.parametrize(
+    "request_kind, message",
+    [
+        ("unknown user", "unknown user_id"),
+        ("unknown item", "unknown item_id"),
+        ("empty user", "user_id is empty"),
+        ("mismatched lengths", "send one user id, or one per item id"),
+        ("top_k zero", "top_k must be one integer >= 1"),
+        ("float ids", "expects 'INT64'"),
+        ("2-d ids", "shape"),
+    ],
+)
+def test_bad_requests_get_errors_and_server_keeps_serving(server, reference, request_kind, message):
+    user, items = int(reference.users[0]), reference.all_items[:3]
+    with RecommenderClient(server.http_url, "http") as client:
+        with pytest.raises(ServingError, match=message):
+            if request_kind == "unknown user":
+                client.scores([999_999_999], items)
+            elif request_kind == "unknown item":
+                client.recommend(user, [int(items[0]), 999_999_999])
+            elif request_kind == "empty user":
+                client.scores(np.zeros(0, np.int64), items)
+            elif request_kind == "mismatched lengths":
+                client.scores([user, user], items)
+            elif request_kind == "top_k zero":
+                client.recommend(user, top_k=0)
+            else:  # requests the typed client would refuse to build: send them raw
+                _send_raw(server.http_url, {"user_id": np.array([user], np.int64),
+                                            "item_id": items.astype(np.float32) if request_kind == "float ids" else items.reshape(1, 3)})
+        # ... and the server still answers correctly.
+        assert client.scores([user], items).shape == (3,)
+    assert server.process.poll() is None
+
+
+def test_client_cli_prints_a_table_with_titles(server, reference):
+    user = int(reference.users[2])
+    items = ",".join(str(i) for i in reference.all_items[:3])
+    for protocol, url in (("http", server.http_url), ("grpc", server.grpc_url)):
+        done = subprocess.run([PYTHON, "serving/client.py", "--user", str(user), "--items", items, "--protocol", protocol,
+                               "--url", url], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert f"user {user}" in done.stdout and "Movie" in done.stdout and "score" in done.stdout
+    bad = subprocess.run([PYTHON, "serving/client.py", "--user", "999999999", "--url", server.http_url],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2
+    assert bad.stderr.count("\n") == 1 and "unknown user_id" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# --- export -------------------------------------------------------------------------------------------
+
+
+def test_libtorch_repository_is_valid_without_a_libtorch_backend(serving_data, tmp_path, reference):
+    etl, run = serving_data
+    repo = tmp_path / "libtorch"
+    assert export(etl, run, repo, flavour="libtorch", log=lambda *_: None) == "libtorch"
+    configs = validate_repository(repo)
+    assert configs["model"].platform == "pytorch_libtorch" and configs["model"].backend == "pytorch"
+    assert [i.name for i in configs["model"].input] == ["user_id", "item_id"]  # forward(user, item) order
+    for config_path in repo.glob("*/config.pbtxt"):
+        read_config(config_path)  # parses as Triton's ModelConfig protobuf
+    exported = torch.jit.load(str(repo / "model" / "1" / "model.pt"))
+    original = torch.jit.load(str(run / "model.ts"))
+    users, items = torch.arange(3, 20), torch.arange(3, 20).flip(0)
+    torch.testing.assert_close(exported(users, items), original(users, items), atol=1e-6, rtol=0)
+
+
+def _export_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, "serving/export.py", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=180)
+
+
+def test_export_cli_rejects_bad_input_with_one_line_and_writes_nothing(serving_data, tmp_path):
+    etl, run = serving_data
+    too_small = tmp_path / "small-run"
+    too_small.mkdir()
+    torch.jit.script(_DotModel(4, 4)).save(str(too_small / "model.ts"))
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    cases = [
+        (["--data", str(tmp_path / "nowhere"), "--run", str(run)], "not found"),
+        (["--data", str(etl), "--run", str(tmp_path)], "model.ts not found"),
+        (["--data", str(etl), "--run", str(too_small)], "cannot score this ETL output's ids"),
+        (["--data", str(etl), "--run", str(run), "--top-k", "-1"], "--top-k must be >= 0"),
+    ]
+    for args, message in cases:
+        output = tmp_path / "repo"
+        done = _export_cli(*args, "--output", str(output))
+        assert done.returncode == 2, (args, done.stderr)
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and message in lines[0] and "Traceback" not in done.stderr, done.stderr
+        assert not output.exists()
+    done = _export_cli("--data", str(etl), "--run", str(run), "--output", str(existing))
+    assert done.returncode == 2 and "exists" in done.stderr and not any(existing.iterdir())
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+def test_validation_rejects_what_triton_would_reject(repository, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(repository, broken)
+    config = broken / "recommend" / "config.pbtxt"
+    config.write_text(config.read_text().replace('model_name: "top_k"', 'model_name: "missing"'))
+    with pytest.raises(ServingError, match="absent from the repository"):
+        validate_repository(broken)
+    config.write_text("name: 'recommend' this is not protobuf")
+    with pytest.raises(ServingError, match="not a valid Triton ModelConfig"):
+        validate_repository(broken)
+
+
+def test_unknown_ids_fallback_scores_them_as_oov(repository, reference):
+    from serving.inference_workflow import InferenceWorkflow, RequestEncoder, RequestError
+
+    workflow = InferenceWorkflow(repository / "workflow" / "1" / "workflow")
+    items = np.r_[reference.all_items[:2], 999_999_999]
+    users, encoded, raw = RequestEncoder(workflow, "user_id", "item_id", 3, "oov").encode([int(reference.users[0])], items)
+    assert encoded[-1] == 2 and (encoded[:2] >= 3).all() and (raw == items).all() and (users >= 3).all()
+    with pytest.raises(RequestError, match="unknown item_id"):
+        RequestEncoder(workflow, "user_id", "item_id", 3, "error").encode([int(reference.users[0])], items)
+
+
+# --- serve.py --------------------------------------------------------------------------------------------
+
+
+def test_serve_cli_serves_until_sigterm_then_stops_cleanly(repository, tmp_path):
+    ready = tmp_path / "ready.json"
+    process = subprocess.Popen(
+        [PYTHON, "serving/serve.py", "--repository", str(repository), "--http-port", "0", "--grpc-port", "0",
+         "--metrics-port", "0", "--ready-file", str(ready), "--quiet"],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not ready.exists():
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "serve.py never became ready"
+            time.sleep(0.2)
+        urls = json.loads(ready.read_text())
+        with RecommenderClient(urls["http"], "http") as client:
+            assert client.recommend(int(pd.read_parquet(
+                repository / "workflow" / "1" / "workflow" / "categories" / "unique.user_id.parquet").user_id.iloc[0]),
+                top_k=3).item_ids.shape == (3,)
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, err
+    assert "stopping tritonserver" in out and not ready.exists()
+
+
+def test_server_that_fails_to_load_reports_the_error_at_once(repository, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(repository, broken)
+    (broken / "top_k" / "1" / "model.py").write_text("raise ImportError('deliberately broken top_k step')\n")
+    started = time.monotonic()
+    with pytest.raises(ServingError, match="deliberately broken top_k step"):
+        TritonServer(broken, startup_timeout_s=240).start()
+    assert time.monotonic() - started < 120
