@@ -157,7 +157,7 @@ class RequestEncoder:
         if items is None or np.size(items) == 0:
             if users.size != 1:
                 raise RequestError(f"scoring every item needs exactly one {self.user_column}, got {users.size}")
-            items = self.all_items
+            return self._encode_for_all_items(users)
         items = np.asarray(items, dtype=np.int64).reshape(-1)
         if users.size == 1 and items.size > 1:
             users = np.repeat(users, items.size)
@@ -171,6 +171,13 @@ class RequestEncoder:
             self._reject_unknown(self.user_column, users, encoded[self.user_column])
             self._reject_unknown(self.item_column, items, encoded[self.item_column])
         return encoded[self.user_column], encoded[self.item_column], items
+
+    def _encode_for_all_items(self, user: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        # The items were encoded once at start-up: only the user goes through the workflow.
+        encoded_user = self._encode(user, self.all_items[:1])[self.user_column]
+        if self.unknown_ids == "error":
+            self._reject_unknown(self.user_column, user, encoded_user)
+        return np.repeat(encoded_user, self.all_items.size), self.all_items_encoded, self.all_items
 
     def _reject_unknown(self, column: str, raw: np.ndarray, encoded: np.ndarray) -> None:
         unknown = np.unique(raw[encoded < self.first_index])

@@ -1,0 +1,276 @@
+"""Serving latency and throughput: the Triton ensemble against in-process scoring.
+
+Exports the run (python flavour) to a temporary repository, starts a real tritonserver on
+127.0.0.1, and sends a bounded number of requests with 1, 8 and 32 concurrent clients
+(threads, one connection each), over HTTP and gRPC: 101 candidates per request (the test
+lists of the evaluation protocol, as raw ids) and top-K over all items. The same requests
+are then scored in-process (workflow transform + TorchScript), with NVTabular's pandas
+path and with the compiled ops the server uses. Prints p50/p95/p99 latency, requests/s and
+errors; clients and server share this machine's cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+if __package__ in (None, ""):  # run as `python benchmarks/serving.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+import pandas as pd
+
+from serving.errors import ServingError, run_cli
+from workflows.cluster import quiet_merlin
+from workflows.feature_spec import FeatureSpec
+
+Request = tuple[int, "np.ndarray | None"]  # (raw user, raw candidates or None for every item)
+
+
+@dataclass
+class Measurement:
+    target: str
+    workload: str
+    concurrency: int
+    latencies_ms: list[float] = field(default_factory=list)
+    errors: int = 0
+    first_error: str = ""
+    wall_s: float = 0.0
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
+
+    @property
+    def requests_per_s(self) -> float:
+        return len(self.latencies_ms) / self.wall_s if self.wall_s else float("nan")
+
+
+def run_load(target: str, workload: str, connect: Callable[[], Callable[[Request], object]],
+             requests: list[Request], concurrency: int, warmup: int) -> Measurement:
+    """Send `requests` from `concurrency` threads, each with its own connection from `connect`."""
+    result = Measurement(target, workload, concurrency)
+    lock = threading.Lock()
+    shares = [requests[i::concurrency] for i in range(concurrency)]
+    start_line = threading.Barrier(concurrency + 1)
+
+    def worker(share: list[Request]) -> None:
+        call = connect()
+        for request in share[:warmup]:
+            _attempt(call, request)
+        start_line.wait()
+        for request in share:
+            began = time.perf_counter()
+            error = _attempt(call, request)
+            elapsed = (time.perf_counter() - began) * 1e3
+            with lock:
+                if error is None:
+                    result.latencies_ms.append(elapsed)
+                else:
+                    result.errors += 1
+                    result.first_error = result.first_error or error
+        close = getattr(call, "close", None)
+        if close:
+            close()
+
+    threads = [threading.Thread(target=worker, args=(share,)) for share in shares]
+    for thread in threads:
+        thread.start()
+    start_line.wait()
+    began = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    result.wall_s = time.perf_counter() - began
+    return result
+
+
+def _attempt(call, request: Request) -> str | None:
+    try:
+        call(request)
+        return None
+    except Exception as exc:  # counted, not fatal: the benchmark reports failed requests
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+# --- workloads -------------------------------------------------------------------------------------
+
+
+def candidate_lists(spec: FeatureSpec, count: int, seed: int) -> list[Request]:
+    """The test split's candidate lists (positive + sampled negatives), decoded to raw ids."""
+    test = pd.concat(pd.read_parquet(f) for f in spec.files("test"))
+    per_user = spec.test_samples_per_series
+    items = pd.read_parquet(spec.path("item_table"))
+    raw_item = pd.Series(items.raw_item_id.to_numpy(), index=items.item_id.to_numpy())
+    workflow_dir = spec.path("workflow")
+    users = pd.read_parquet(workflow_dir / "categories" / f"unique.{spec.user_feature}.parquet")
+    raw_user = pd.Series(users[spec.user_feature].to_numpy(), index=users.index.to_numpy())
+    lists = len(test) // per_user
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(lists, size=count, replace=lists < count)
+    requests = []
+    for index in chosen:
+        rows = test.iloc[index * per_user:(index + 1) * per_user]
+        requests.append((int(raw_user[rows[spec.user_feature].iloc[0]]), raw_item[rows[spec.item_feature].to_numpy()].to_numpy()))
+    return requests
+
+
+def all_items_requests(candidates: list[Request]) -> list[Request]:
+    return [(user, None) for user, _ in candidates]
+
+
+# --- targets -----------------------------------------------------------------------------------------
+
+
+def served(url: str, protocol: str, top_k: int) -> Callable[[], Callable[[Request], object]]:
+    from serving.client import RecommenderClient
+
+    def connect():
+        client = RecommenderClient(url, protocol)
+
+        def call(request: Request):
+            user, items = request
+            if items is None:
+                return client.recommend(user, top_k=top_k)
+            return client.scores([user], items)
+
+        call.close = client.close
+        return call
+
+    return connect
+
+
+def in_process(spec: FeatureSpec, run: Path, compiled: bool, top_k: int) -> Callable[[], Callable[[Request], object]]:
+    import torch
+
+    from serving.inference_workflow import InferenceWorkflow, RequestEncoder
+
+    encoder = RequestEncoder(InferenceWorkflow(spec.path("workflow"), compiled=compiled),
+                             spec.user_feature, spec.item_feature, spec.first_item_index)
+    model = torch.jit.load(str(run / "model.ts"), map_location="cpu").eval()
+    torch.set_num_threads(1)  # as the server's model step: concurrency comes from the clients
+
+    def connect():
+        def call(request: Request):
+            user, items = request
+            users, encoded_items, raw_items = encoder.encode(np.array([user]), items)
+            with torch.inference_mode():
+                scores = model(torch.from_numpy(users), torch.from_numpy(encoded_items)).numpy()
+            if items is None:
+                return raw_items[np.argsort(-scores, kind="stable")[:top_k]]
+            return scores
+
+        return call
+
+    return connect
+
+
+# --- report ------------------------------------------------------------------------------------------
+
+
+def print_table(results: list[Measurement]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="serving latency (ms) and throughput")
+    for column in ("target", "workload", "clients", "requests", "p50", "p95", "p99", "req/s", "errors"):
+        table.add_column(column, justify="left" if column in ("target", "workload") else "right")
+    for r in results:
+        table.add_row(r.target, r.workload, str(r.concurrency), str(len(r.latencies_ms) + r.errors),
+                      f"{r.percentile(50):.2f}", f"{r.percentile(95):.2f}", f"{r.percentile(99):.2f}",
+                      f"{r.requests_per_s:.0f}", str(r.errors))
+    Console(width=120).print(table)
+    for r in results:
+        if r.errors:
+            print(f"{r.target} {r.workload} x{r.concurrency}: first error: {r.first_error}")
+
+
+def plot(results: list[Measurement], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for (target, workload) in dict.fromkeys((r.target, r.workload) for r in results):
+        rows = [r for r in results if r.target == target and r.workload == workload]
+        clients = [r.concurrency for r in rows]
+        axes[0].plot(clients, [r.percentile(99) for r in rows], marker="o", label=f"{target}, {workload}")
+        axes[1].plot(clients, [r.requests_per_s for r in rows], marker="o", label=f"{target}, {workload}")
+    for axis, label in zip(axes, ("p99 latency (ms)", "requests/s")):
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xlabel("concurrent clients")
+        axis.set_ylabel(label)
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+# --- command line ------------------------------------------------------------------------------------
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, type=Path, help="ETL output directory")
+    parser.add_argument("--run", required=True, type=Path, help="training run directory (holds model.ts)")
+    parser.add_argument("--repository", type=Path, help="an existing export to serve (default: export to a temporary directory)")
+    parser.add_argument("--requests", type=int, default=1000, help="requests per (target, workload, concurrency) (default 1000)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], help="concurrent clients (default 1 8 32)")
+    parser.add_argument("--protocols", nargs="+", choices=("http", "grpc"), default=["http", "grpc"], help="protocols (default both)")
+    parser.add_argument("--top-k", type=int, default=10, help="K for the top-K-over-all-items workload (default 10)")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed requests per client first (default 10)")
+    parser.add_argument("--instances", type=int, default=1, help="instances of the workflow and model steps when exporting (default 1)")
+    parser.add_argument("--plot", type=Path, help="write p99 latency and requests/s against clients to this PNG")
+    parser.add_argument("--seed", type=int, default=0, help="which test lists to send (default 0)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    quiet_merlin()
+    from serving.export import export
+    from serving.serve import TritonServer
+    from workflows.feature_spec import FeatureSpecError
+
+    try:
+        spec = FeatureSpec.load(args.data)
+        candidates = candidate_lists(spec, args.requests, args.seed)
+    except FeatureSpecError as exc:
+        raise ServingError(str(exc)) from None
+    workloads = {f"{spec.test_samples_per_series} candidates": candidates,
+                 f"top-{args.top_k} of all items": all_items_requests(candidates)}
+    results: list[Measurement] = []
+
+    def measure(target: str, connect) -> None:
+        for workload, requests in workloads.items():
+            for clients in args.concurrency:
+                print(f"{target}: {workload}, {clients} clients ...", flush=True)
+                results.append(run_load(target, workload, connect, requests, clients, args.warmup))
+
+    with tempfile.TemporaryDirectory() as scratch:
+        repository = args.repository
+        if repository is None:
+            repository = Path(scratch) / "repo"
+            export(args.data, args.run, repository, flavour="python", top_k=args.top_k, instances=args.instances,
+                   log=lambda *_: None)
+        with TritonServer(repository) as server:
+            for protocol in args.protocols:
+                url = server.http_url if protocol == "http" else server.grpc_url
+                measure(f"triton {protocol}", served(url, protocol, args.top_k))
+    measure("in-process, compiled ops", in_process(spec, args.run, compiled=True, top_k=args.top_k))
+    measure("in-process, Workflow pandas", in_process(spec, args.run, compiled=False, top_k=args.top_k))
+    print_table(results)
+    if args.plot:
+        plot(results, args.plot)
+        print(f"plot: {args.plot}")
+    return 1 if any(r.errors for r in results) else 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
