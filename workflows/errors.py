@@ -5,6 +5,7 @@ Commands catch it in main() and print its message as a single line with exit cod
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 EXIT_USER_ERROR = 2
@@ -23,3 +24,11 @@ def one_line(exc: BaseException) -> str:
 def exit_with(exc: EtlError, prog: str) -> None:
     print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
     sys.exit(EXIT_USER_ERROR)
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as one line (no usage dump), exit code 2."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)

@@ -33,7 +33,7 @@ import pandas as pd  # noqa: E402
 from workflows import graph, negatives, split  # noqa: E402
 from workflows.atomic import atomic_directory  # noqa: E402
 from workflows.cluster import Backend, dask_client, resolve_device  # noqa: E402
-from workflows.errors import EtlError, exit_with, one_line  # noqa: E402
+from workflows.errors import EtlError, OneLineArgumentParser, exit_with, one_line  # noqa: E402
 from workflows.feature_spec import FeatureSpec, LABEL_CHANNEL, ITEM_CHANNEL, USER_CHANNEL  # noqa: E402
 from workflows.readers import FORMATS, ITEM, RATING, USER, ColumnNames, read_log  # noqa: E402
 
@@ -312,7 +312,7 @@ def _stats(counts: dict, n_users: int, n_items: int, opts: EtlOptions, backend: 
 # --- command line -----------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " " + __doc__.split("\n\n")[1],
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0] + " " + __doc__.split("\n\n")[1],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = parser.add_argument_group("input")
     src.add_argument("--input", type=Path, help="a MovieLens release directory, its ratings file, or a CSV/parquet log")

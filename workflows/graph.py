@@ -18,6 +18,7 @@ PAIR = [USER, ITEM]
 ORDER_KEY = "order_key"
 COUNT = f"{USER}_count"
 LATEST = f"{USER}_{ORDER_KEY}_max"
+FLAGGED = INTERACTION + [ORDER_KEY, COUNT, LATEST]
 # Categorify's reserved indices: 0 padding, 1 null, 2 out-of-vocabulary; real ids from 3.
 FIRST_INDEX = 3
 
@@ -69,7 +70,6 @@ def _held_out(df):
 
 def select_holdout(held_out: bool) -> nvt.Workflow:
     """The held-out rows (user, item) or the rest (user, item, timestamp) of a flagged log."""
-    flagged = INTERACTION + [ORDER_KEY, COUNT, LATEST]
     if held_out:
-        return nvt.Workflow((flagged >> ops.Filter(_held_out))[PAIR])
-    return nvt.Workflow((flagged >> ops.Filter(lambda df: ~_held_out(df)))[INTERACTION])
+        return nvt.Workflow((FLAGGED >> ops.Filter(_held_out))[PAIR])
+    return nvt.Workflow((FLAGGED >> ops.Filter(lambda df: ~_held_out(df)))[INTERACTION])

@@ -87,9 +87,10 @@ def detect_format(path: Path) -> str:
         if name.endswith((".csv", ".tsv", ".txt")):
             return "csv"
     if path.is_dir():
-        parquet = sorted(path.glob("*.parquet"))
-        if parquet:
+        if sorted(path.glob("*.parquet")):
             return "parquet"
+        if len(list(path.glob("*.csv"))) == 1:
+            return "csv"
         raise EtlError(f"{path} holds no u.data, ratings.dat, ratings.csv or *.parquet: pass --format")
     raise EtlError(f"cannot tell the format of {path}: pass --format ({', '.join(FORMATS[1:])})")
 
@@ -190,7 +191,10 @@ def _wanted(columns: ColumnNames, available: list[str], path: Path) -> dict[str,
 
 def _read_generic_csv(path: Path, backend: Backend, columns: ColumnNames, partition_size) -> RawLog:
     if path.is_dir():
-        raise EtlError(f"{path} is a directory; --format csv reads one CSV file")
+        found = sorted(path.glob("*.csv"))
+        if len(found) != 1:
+            raise EtlError(f"{path} holds {len(found)} CSV files; pass the one to read as --input")
+        path = found[0]
     wanted = _wanted(columns, _csv_header(path), path)
     # Timestamps may be written as floats; ids must parse as integers.
     dtypes = {USER: "int64", ITEM: "int64", TIME: "float64", RATING: "float64"}

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import dask
 
 from workflows.cluster import Backend
-from workflows.graph import INTERACTION, PAIR, holdout_flag, select_holdout
+from workflows.graph import FLAGGED, INTERACTION, PAIR, holdout_flag, select_holdout
 
 
 def to_dataset(ddf, backend: Backend):
@@ -32,10 +33,14 @@ def split_latest(interactions: Path, item_cardinality: int, work_dir: Path, name
     flagger = holdout_flag(item_cardinality, work_dir / f"{name}_stats")
     source = to_dataset(read_parquet(interactions, backend, INTERACTION), backend)
     flagger.fit(source)
-    flagged = flagger.transform(source)
+    # Materialised once: both selections below read it instead of redoing the groupby join.
+    flagged = work_dir / f"{name}_flagged"
+    write_parquet({flagged: flagger.transform(source).to_ddf()[FLAGGED]})
+    flagged_data = to_dataset(read_parquet(flagged, backend, FLAGGED), backend)
     positives, rest = work_dir / f"{name}_positives", work_dir / f"{name}_rest"
     write_parquet({
-        positives: select_holdout(True).fit_transform(flagged).to_ddf()[PAIR],
-        rest: select_holdout(False).fit_transform(flagged).to_ddf()[INTERACTION],
+        positives: select_holdout(True).fit_transform(flagged_data).to_ddf()[PAIR],
+        rest: select_holdout(False).fit_transform(flagged_data).to_ddf()[INTERACTION],
     })
+    shutil.rmtree(flagged)
     return positives, rest

@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from workflows.atomic import atomic_directory
-from workflows.errors import EtlError, exit_with
+from workflows.errors import EtlError, OneLineArgumentParser, exit_with
 from workflows.readers import LAYOUTS, ML100K_GENRES
 
 GENRES = ML100K_GENRES[1:]
@@ -299,7 +299,7 @@ def generate(output: str | Path, spec: SyntheticSpec, fmt: str, progress: bool =
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--output", required=True, help="directory to write (replaced atomically)")
     parser.add_argument("--preset", choices=sorted(PRESETS),
