@@ -4,6 +4,7 @@ in-process workflow + TorchScript; bad requests; the libtorch repository; export
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -344,3 +345,22 @@ def test_server_that_fails_to_load_reports_the_error_at_once(repository, tmp_pat
     with pytest.raises(ServingError, match="deliberately broken top_k step"):
         TritonServer(broken, startup_timeout_s=240).start()
     assert time.monotonic() - started < 120
+
+
+def test_auto_flavour_follows_the_backends_of_the_server_found(tmp_path, monkeypatch):
+    from serving.export import resolve_flavour
+    from serving.server_runtime import find_tritonserver
+
+    bundled = find_tritonserver()
+    assert bundled.bundled and bundled.supports("python") and not bundled.supports("pytorch")
+    assert resolve_flavour("auto") == "python"
+    # An NGC-style install on PATH: bin/tritonserver beside backends/{python,pytorch}.
+    (tmp_path / "bin").mkdir()
+    binary = tmp_path / "bin" / "tritonserver"
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
+    for backend in ("python", "pytorch"):
+        (tmp_path / "backends" / backend).mkdir(parents=True)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    assert not find_tritonserver().bundled
+    assert resolve_flavour("auto") == "libtorch"
