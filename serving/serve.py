@@ -230,8 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             server.start()
         except ServingError as exc:
-            # The log went to stdout already (unless --quiet): the summary line is enough.
-            raise ServingError(str(exc) if args.quiet else str(exc).splitlines()[0]) from None
+            # The log went to stdout already (unless --quiet): its summary line is the error.
+            raise ServingError(str(exc).splitlines()[0]) from None
         urls = {"http": server.http_url, "grpc": server.grpc_url, "metrics": f"{args.host}:{server.metrics_port}"}
         print(f"tritonserver ready: HTTP {urls['http']}, gRPC {urls['grpc']} (Ctrl-C stops it)", flush=True)
         if args.ready_file:

@@ -28,10 +28,12 @@ PYTHON = sys.executable
 pytestmark = pytest.mark.slow
 
 
-# --- stand-ins until the shared ETL/training fixtures land -----------------------------------------
+# --- inputs: the shared ETL output and a model sized for it -----------------------------------------
 
 
 class _DotModel(torch.nn.Module):
+    """forward(user, item) -> probability, the TorchScript contract of docs/pipeline.md."""
+
     def __init__(self, num_users: int, num_items: int):
         super().__init__()
         self.users, self.items = torch.nn.Embedding(num_users, 8), torch.nn.Embedding(num_items, 8)
@@ -40,42 +42,15 @@ class _DotModel(torch.nn.Module):
         return torch.sigmoid((self.users(user) * self.items(item)).sum(-1))
 
 
-def _standin(root: Path) -> tuple[Path, Path]:
-    import nvtabular as nvt
-    from merlin.io import Dataset
-
+@pytest.fixture(scope="module")
+def serving_data(etl_dir, tmp_path_factory) -> tuple[Path, Path]:
     from workflows.feature_spec import FeatureSpec
 
-    etl, run = root / "etl", root / "run"
-    etl.mkdir(parents=True)
-    run.mkdir()
-    rng = np.random.default_rng(0)
-    raw = pd.DataFrame({"user_id": rng.integers(1000, 1060, 1500), "item_id": rng.integers(5000, 5200, 1500)}).astype("int64")
-    workflow = nvt.Workflow(["user_id", "item_id"] >> nvt.ops.Categorify(out_path=str(root / "cats")))
-    encoded = workflow.fit_transform(Dataset(raw)).to_ddf().compute()
-    workflow.save(str(etl / "workflow"))
-    (etl / "train").mkdir()
-    encoded.to_parquet(etl / "train" / "part_0.parquet")
-    num_users, num_items = int(encoded.user_id.max()) + 1, int(encoded.item_id.max()) + 1
-    unique = pd.read_parquet(etl / "workflow" / "categories" / "unique.item_id.parquet")
-    pd.DataFrame({"item_id": unique.index.astype("int64"), "raw_item_id": unique.item_id.astype("int64"),
-                  "title": [f"Movie {i}" for i in unique.item_id]}).to_parquet(etl / "items.parquet")
-    files = {"type": "parquet", "features": ["user_id", "item_id"], "files": ["train/part_0.parquet"]}
-    FeatureSpec(
-        feature_spec={"user_id": {"dtype": "int64", "cardinality": num_users},
-                      "item_id": {"dtype": "int64", "cardinality": num_items}, "label": {"dtype": "float32"}},
-        source_spec={"train": [files], "test": [files]},
-        channel_spec={"user_ch": ["user_id"], "item_ch": ["item_id"], "label_ch": ["label"]},
-        metadata={"test_samples_per_series": 101, "first_index": 3, "workflow": "workflow", "item_table": "items.parquet"},
-    ).save(etl)
+    spec = FeatureSpec.load(etl_dir)
+    run = tmp_path_factory.mktemp("serving-run")
     torch.manual_seed(0)
-    torch.jit.script(_DotModel(num_users, num_items)).save(str(run / "model.ts"))
-    return etl, run
-
-
-@pytest.fixture(scope="module")
-def serving_data(tmp_path_factory) -> tuple[Path, Path]:
-    return _standin(tmp_path_factory.mktemp("serving-data"))
+    torch.jit.script(_DotModel(spec.num_users, spec.num_items)).save(str(run / "model.ts"))
+    return etl_dir, run
 
 
 # --- the served repository ---------------------------------------------------------------------------
@@ -115,6 +90,7 @@ class InProcess:
         self.model = torch.jit.load(str(run / "model.ts")).eval()
         items = pd.read_parquet(etl / "items.parquet")
         self.all_items = items.raw_item_id.to_numpy()
+        self.titles = dict(zip(items.raw_item_id, items.title))
         users = pd.read_parquet(etl / "workflow" / "categories" / "unique.user_id.parquet")
         self.users = users.user_id.to_numpy()
 
@@ -159,7 +135,7 @@ def test_served_top_k_equals_in_process_ranking(client, reference):
     expected_items, expected_scores = reference.ranking(user, reference.all_items, 10)
     np.testing.assert_array_equal(top.item_ids, expected_items)
     np.testing.assert_allclose(top.scores, expected_scores, atol=1e-5, rtol=0)
-    assert top.titles == [f"Movie {i}" for i in expected_items]
+    assert top.titles == [reference.titles[i] for i in expected_items] and all(top.titles)
 
     candidates = reference.all_items[::3][:101]
     among = client.recommend(user, candidates, top_k=5)
@@ -226,7 +202,7 @@ def test_client_cli_prints_a_table_with_titles(server, reference):
         done = subprocess.run([PYTHON, "serving/client.py", "--user", str(user), "--items", items, "--protocol", protocol,
                                "--url", url], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
-        assert f"user {user}" in done.stdout and "Movie" in done.stdout and "score" in done.stdout
+        assert f"user {user}" in done.stdout and reference.titles[reference.all_items[0]][:20] in done.stdout
     bad = subprocess.run([PYTHON, "serving/client.py", "--user", "999999999", "--url", server.http_url],
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2
@@ -308,43 +284,72 @@ def test_unknown_ids_fallback_scores_them_as_oov(repository, reference):
 # --- serve.py --------------------------------------------------------------------------------------------
 
 
-def test_serve_cli_serves_until_sigterm_then_stops_cleanly(repository, tmp_path):
+def _tiny_repository(root: Path, model_py: str) -> Path:
+    """A one-model repository (numpy only: starts in seconds) for the server's life cycle."""
+    import tritonclient.grpc.model_config_pb2 as mc
+
+    from serving.repository import tensor, write_config
+
+    config = mc.ModelConfig(name="double", backend="python")
+    config.input.append(tensor(mc.ModelInput, "x", mc.TYPE_INT64))
+    config.output.append(tensor(mc.ModelOutput, "y", mc.TYPE_INT64))
+    write_config(root / "double", config)
+    (root / "double" / "1" / "model.py").write_text(model_py)
+    return root
+
+
+DOUBLE_MODEL = """
+import triton_python_backend_utils as pb_utils
+
+class TritonPythonModel:
+    def execute(self, requests):
+        return [pb_utils.InferenceResponse([pb_utils.Tensor("y", 2 * pb_utils.get_input_tensor_by_name(r, "x").as_numpy())])
+                for r in requests]
+"""
+
+
+def test_serve_cli_serves_until_sigterm_then_stops_cleanly(tmp_path):
+    import tritonclient.http as http
+
+    repository = _tiny_repository(tmp_path / "repo", DOUBLE_MODEL)
     ready = tmp_path / "ready.json"
     process = subprocess.Popen(
         [PYTHON, "serving/serve.py", "--repository", str(repository), "--http-port", "0", "--grpc-port", "0",
-         "--metrics-port", "0", "--ready-file", str(ready), "--quiet"],
+         "--metrics-port", "0", "--ready-file", str(ready)],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + 120
         while not ready.exists():
             assert process.poll() is None, process.communicate()
             assert time.monotonic() < deadline, "serve.py never became ready"
             time.sleep(0.2)
         urls = json.loads(ready.read_text())
-        with RecommenderClient(urls["http"], "http") as client:
-            assert client.recommend(int(pd.read_parquet(
-                repository / "workflow" / "1" / "workflow" / "categories" / "unique.user_id.parquet").user_id.iloc[0]),
-                top_k=3).item_ids.shape == (3,)
+        assert urls["http"].startswith("127.0.0.1:")
+        with http.InferenceServerClient(urls["http"]) as client:
+            x = http.InferInput("x", [3], "INT64")
+            x.set_data_from_numpy(np.array([1, 2, 3], np.int64))
+            assert client.infer("double", [x]).as_numpy("y").tolist() == [2, 4, 6]
         process.send_signal(signal.SIGTERM)
         out, err = process.communicate(timeout=60)
     finally:
         if process.poll() is None:
             process.kill()
     assert process.returncode == 0, err
+    assert "successfully loaded 'double'" in out  # the server's log is forwarded
     assert "stopping tritonserver" in out and not ready.exists()
 
 
-def test_server_that_fails_to_load_reports_the_error_at_once(repository, tmp_path):
-    import shutil
-
-    broken = tmp_path / "broken"
-    shutil.copytree(repository, broken)
-    (broken / "top_k" / "1" / "model.py").write_text("raise ImportError('deliberately broken top_k step')\n")
+def test_server_that_fails_to_load_reports_the_error_at_once(tmp_path):
+    broken = _tiny_repository(tmp_path / "repo", "raise ImportError('deliberately broken model')\n")
     started = time.monotonic()
-    with pytest.raises(ServingError, match="deliberately broken top_k step"):
-        TritonServer(broken, startup_timeout_s=240).start()
-    assert time.monotonic() - started < 120
+    with pytest.raises(ServingError, match="deliberately broken model"):
+        TritonServer(broken, startup_timeout_s=120).start()
+    assert time.monotonic() - started < 60
+    done = subprocess.run([PYTHON, "serving/serve.py", "--repository", str(broken), "--http-port", "0",
+                           "--grpc-port", "0", "--metrics-port", "0", "--quiet"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "deliberately broken model" in done.stderr and done.stderr.count("\n") == 1
 
 
 def test_auto_flavour_follows_the_backends_of_the_server_found(tmp_path, monkeypatch):
