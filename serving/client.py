@@ -189,6 +189,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="how many items to show (default: the export's --top-k, or every item given with --items)")
     parser.add_argument("--protocol", choices=PROTOCOLS, default="http", help="http (default) or grpc")
     parser.add_argument("--url", help="server address host:port (default 127.0.0.1:8000 for http, :8001 for grpc)")
+    parser.add_argument("--serve", type=Path, metavar="REPOSITORY",
+                        help="start a tritonserver on this repository (free ports on 127.0.0.1) for this query, "
+                        "then stop it: the whole serving stage in one command")
     parser.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the server to become ready (default 0)")
     parser.add_argument("--timeout", type=float, default=30.0, help="request timeout in seconds (default 30)")
     return parser.parse_args(argv)
@@ -198,7 +201,19 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     if args.top_k is not None and args.top_k < 1:
         raise ServingError(f"--top-k must be >= 1, got {args.top_k}")
-    with RecommenderClient(args.url, args.protocol, timeout_s=args.timeout) as client:
+    if args.serve is None:
+        return query(args, args.url)
+    from serving.serve import TritonServer
+
+    print(f"starting tritonserver on {args.serve} ...", file=sys.stderr, flush=True)
+    with TritonServer(args.serve) as server:
+        query(args, server.http_url if args.protocol == "http" else server.grpc_url)
+    print("tritonserver stopped", file=sys.stderr)
+    return 0
+
+
+def query(args: argparse.Namespace, url: str | None) -> int:
+    with RecommenderClient(url, args.protocol, timeout_s=args.timeout) as client:
         if args.wait:
             client.wait_ready(args.wait)
         elif not client.is_ready():

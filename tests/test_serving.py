@@ -209,6 +209,13 @@ def test_client_cli_prints_a_table_with_titles(server, reference):
     assert bad.stderr.count("\n") == 1 and "unknown user_id" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_client_cli_serve_starts_queries_and_stops_a_server(repository, reference):
+    done = subprocess.run([PYTHON, "serving/client.py", "--serve", str(repository), "--user", str(reference.users[0]),
+                           "--top-k", "3"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("│") >= 3 * 5 and "tritonserver stopped" in done.stderr
+
+
 # --- export -------------------------------------------------------------------------------------------
 
 
