@@ -17,7 +17,9 @@ class EtlError(Exception):
 
 def one_line(exc: BaseException) -> str:
     """The first line of an exception's message, for wrapping library errors."""
-    text = str(exc).strip().splitlines()
+    text = str(exc)
+    # Dask wraps a backend's error as "An error occurred ... Original Message: <the real one>".
+    text = text.split("Original Message:", 1)[-1].strip().splitlines()
     return text[0] if text else type(exc).__name__
 
 

@@ -200,14 +200,14 @@ def _filter(opts: EtlOptions, work: Path, has_rating: bool, backend: Backend) ->
         steps.append(graph.rating_filter(opts.min_rating))
     if opts.min_user_interactions > 1:
         steps.append(graph.activity_filter(opts.min_user_interactions, work / "activity"))
-    if not steps:
-        return work / "raw"
+    current = work / "raw"
     columns = graph.INTERACTION + ([RATING] if opts.min_rating is not None else [])
-    data = split.to_dataset(split.read_parquet(work / "raw", backend, columns), backend)
-    for step in steps:
-        data = step.fit_transform(data)
-    split.write_parquet({work / "filtered": data.to_ddf()[graph.INTERACTION]})
-    return work / "filtered"
+    for number, step in enumerate(steps):
+        data = split.to_dataset(split.read_parquet(current, backend, columns), backend)
+        current = work / f"filtered_{number}"
+        split.write_parquet({current: step.fit_transform(data).to_ddf()[columns]})
+        columns = graph.INTERACTION
+    return current
 
 
 def _id_schema(workflow):

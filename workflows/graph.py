@@ -2,6 +2,10 @@
 
 Each step is its own Workflow over the previous step's output: Filter before a statistic
 inside one graph misaligns rows when its branches are joined, so steps are chained instead.
+A Filter is always a workflow's last node, and callers drop helper columns from its output
+afterwards: merlin's executor skips empty upstream outputs and re-reads the columns from the
+unfiltered input, so any node after a Filter (even a column selection) resurrects every row
+of a partition that the Filter emptied.
 """
 
 from __future__ import annotations
@@ -26,14 +30,13 @@ FIRST_INDEX = 3
 def rating_filter(min_rating: float) -> nvt.Workflow:
     """Implicit feedback: keep interactions rated at least `min_rating`."""
     kept = (INTERACTION + [RATING]) >> ops.Filter(lambda df: df[RATING] >= min_rating)
-    return nvt.Workflow(kept[INTERACTION])
+    return nvt.Workflow(kept)
 
 
 def activity_filter(min_interactions: int, work_dir: Path) -> nvt.Workflow:
-    """Drop users with fewer than `min_interactions` interactions."""
+    """Drop users with fewer than `min_interactions` interactions (adds a count column)."""
     counts = [USER] >> ops.JoinGroupby(cont_cols=[TIME], stats=["count"], out_path=str(work_dir))
-    kept = (INTERACTION + counts) >> ops.Filter(lambda df: df[COUNT] >= min_interactions)
-    return nvt.Workflow(kept[INTERACTION])
+    return nvt.Workflow((INTERACTION + counts) >> ops.Filter(lambda df: df[COUNT] >= min_interactions))
 
 
 def encoding(freq_threshold: int, work_dir: Path) -> tuple[nvt.Workflow, nvt.Workflow]:
@@ -69,7 +72,5 @@ def _held_out(df):
 
 
 def select_holdout(held_out: bool) -> nvt.Workflow:
-    """The held-out rows (user, item) or the rest (user, item, timestamp) of a flagged log."""
-    if held_out:
-        return nvt.Workflow((FLAGGED >> ops.Filter(_held_out))[PAIR])
-    return nvt.Workflow((FLAGGED >> ops.Filter(lambda df: ~_held_out(df)))[INTERACTION])
+    """The held-out rows or the rest of a flagged log (all FLAGGED columns: see the module note)."""
+    return nvt.Workflow(FLAGGED >> ops.Filter(_held_out if held_out else lambda df: ~_held_out(df)))

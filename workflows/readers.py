@@ -130,14 +130,15 @@ def _read_movielens(path: Path, fmt: str, backend: Backend, partition_size) -> R
         header = _csv_header(ratings)
         if [c for c in ML_CSV_COLUMNS if c not in header]:
             raise EtlError(f"{ratings} header is {','.join(header)}; expected userId,movieId,rating,timestamp")
-        ddf = backend.dd.read_csv(str(ratings), sep=",", header=0, usecols=list(ML_CSV_COLUMNS),
-                                  dtype={k: dtypes[v] for k, v in ML_CSV_COLUMNS.items()},
+        # No usecols anywhere: with it pandas silently drops the extra fields of a malformed line.
+        ddf = backend.dd.read_csv(str(ratings), sep=",", header=0,
+                                  dtype={k: dtypes.get(v, "float64") for k, v in ML_CSV_COLUMNS.items()},
                                   blocksize=partition_size)
         ddf = ddf.rename(columns=ML_CSV_COLUMNS)
     elif layout.sep == "::":
         # Split on ':' and keep every other field: the fast C parser takes only one-char separators.
         names = [USER, "_1", ITEM, "_2", RATING, "_3", TIME]
-        ddf = backend.dd.read_csv(str(ratings), sep=":", header=None, names=names, usecols=[USER, ITEM, RATING, TIME],
+        ddf = backend.dd.read_csv(str(ratings), sep=":", header=None, names=names,
                                   dtype={**dtypes, "_1": "float64", "_2": "float64", "_3": "float64"},
                                   blocksize=partition_size)
     else:

@@ -23,7 +23,13 @@ def write_parquet(ddfs: dict[Path, object]) -> None:
 
 
 def read_parquet(path: Path, backend: Backend, columns: list[str]):
-    return backend.dd.read_parquet(str(path), columns=columns)
+    """An intermediate result, without its empty files: merlin's executor mishandles empty
+    partitions (see workflows/graph.py), and a Filter upstream may have left some."""
+    import pyarrow.parquet as pq
+
+    files = sorted(Path(path).glob("*.parquet"), key=lambda f: int(f.stem.split(".")[-1]))
+    non_empty = [str(f) for f in files if pq.ParquetFile(f).metadata.num_rows > 0] or [str(f) for f in files[:1]]
+    return backend.dd.read_parquet(non_empty, columns=columns)
 
 
 def split_latest(interactions: Path, item_cardinality: int, work_dir: Path, name: str,

@@ -1,0 +1,115 @@
+"""The ETL and generator commands: --help, bad input as one-line errors, atomic output."""
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import run_command
+from workflows.atomic import atomic_directory
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def help_entries(help_text: str) -> dict[str, str]:
+    """option name -> the text of its help entry (which may wrap onto following lines)."""
+    entries = re.split(r"\n(?=  -)", help_text)
+    return {m.group(1): entry for entry in entries for m in [re.match(r"\s*(--[a-z-]+)", entry)] if m}
+
+
+@pytest.mark.parametrize("script, expected", [
+    ("workflows/etl.py", {"--input", "--download", "--format", "--user-col", "--item-col", "--time-col",
+                          "--rating-col", "--min-rating", "--min-user-interactions", "--freq-threshold",
+                          "--validation", "--negatives", "--seed", "--output", "--device", "--workers",
+                          "--scheduler-address", "--partition-size", "--train-files", "--quiet"}),
+    ("workflows/synthetic.py", {"--output", "--preset", "--interactions", "--users", "--items", "--format",
+                                "--seed", "--dim", "--quiet"}),
+])
+def test_help_documents_every_option(script, expected):
+    entries = help_entries(run_command(script, "--help").stdout)
+    assert expected <= set(entries)
+    for name in expected:
+        description = re.sub(r"--?[a-z-]+( [A-Z_]+)?,?", "", entries[name]).split()
+        assert len(description) >= 3, f"{name} has no help text: {entries[name]!r}"
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
+    """name: (arguments, a fragment the one-line message must contain)"""
+    generic = _write(tmp / "generic" / "log.csv", "u,i,t\n1,2,3\n")
+    return {
+        "missing file": (["--input", str(tmp / "nope")], "does not exist"),
+        "unknown format": (["--input", str(FIXTURES / "ml-1m"), "--format", "ml-3m"], "invalid choice"),
+        "unrecognised directory": (["--input", str(_write(tmp / "odd" / "x.txt", "1\n").parent)], "--format"),
+        "missing columns": (["--input", str(generic)], "lacks column"),
+        "too many fields": (["--input", str(_write(tmp / "a" / "ratings.dat", "1::2::5::978300760\n1::3::4::9::9\n")
+                                         .parent)], "cannot parse"),
+        "too few fields": (["--input", str(_write(tmp / "b" / "ratings.dat", "1::2::5::978300760\n1::3\n").parent)],
+                           "cannot parse"),
+        "non-numeric ids": (["--input", str(_write(tmp / "c" / "ratings.csv",
+                                                   "userId,movieId,rating,timestamp\n1,2,5.0,9\nabc,3,4.0,9\n")
+                                            .parent)], "cannot parse"),
+        "empty file": (["--input", str(_write(tmp / "d" / "u.data", "").parent), "--format", "ml-100k"], ""),
+        "header only": (["--input", str(_write(tmp / "e" / "ratings.csv", "userId,movieId,rating,timestamp\n")
+                                        .parent)], "no interactions"),
+        "everything filtered": (["--input", str(FIXTURES / "ml-1m"), "--min-rating", "6"], "no interactions left"),
+        "too many negatives": (["--input", str(FIXTURES / "ml-1m"), "--negatives", "50"], "--negatives"),
+        "no gpu": (["--input", str(FIXTURES / "ml-1m"), "--device", "gpu"], "GPU"),
+        "offline download": (["--download", "ml-1m"], "cannot download"),
+        "unknown release": (["--download", "ml-3m"], "unknown MovieLens release"),
+    }
+
+
+@pytest.mark.parametrize("case", list(bad_inputs(Path("/unused"))))
+def test_bad_input_is_one_line_error_and_leaves_no_output(case, tmp_path, monkeypatch):
+    monkeypatch.setenv("MERLIN_NCF_CACHE", str(tmp_path / "cache"))
+    args, fragment = bad_inputs(tmp_path)[case]
+    out = tmp_path / "out" / "etl"
+    result = run_command("workflows/etl.py", *args, "--output", str(out), "--quiet", check=False)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith("etl.py: error: ") and fragment in lines[0]
+    assert not out.exists()
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_failed_run_keeps_previous_output(tmp_path):
+    out = tmp_path / "etl"
+    run_command("workflows/etl.py", "--input", str(FIXTURES / "ml-1m"), "--output", str(out), "--negatives", "1",
+                "--quiet")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    result = run_command("workflows/etl.py", "--input", str(FIXTURES / "ml-1m"), "--output", str(out),
+                         "--min-rating", "6", "--quiet", check=False)
+    assert result.returncode == 2
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["etl"]
+
+
+def test_atomic_directory_replaces_only_on_success(tmp_path):
+    target = tmp_path / "result"
+    with atomic_directory(target) as tmp:
+        (tmp / "a").write_text("first")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_directory(target) as tmp:
+            (tmp / "a").write_text("half-written")
+            raise KeyboardInterrupt
+    assert (target / "a").read_text() == "first"
+    with atomic_directory(target) as tmp:
+        (tmp / "b").write_text("second")
+    assert sorted(p.name for p in target.iterdir()) == ["b"]
+    assert [p.name for p in tmp_path.iterdir()] == ["result"]
+
+
+def test_synthetic_bad_arguments_are_one_line(tmp_path):
+    result = run_command("workflows/synthetic.py", "--output", str(tmp_path / "x"), "--interactions", "1000",
+                         "--users", "2", "--items", "10", check=False)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "cannot fit" in result.stderr and not (tmp_path / "x").exists()
+    shutil.rmtree(tmp_path, ignore_errors=True)
