@@ -144,14 +144,15 @@ def served(url: str, protocol: str, top_k: int) -> Callable[[], Callable[[Reques
     return connect
 
 
-def in_process(spec: FeatureSpec, run: Path, compiled: bool, top_k: int) -> Callable[[], Callable[[Request], object]]:
+def in_process(repository: Path, compiled: bool, top_k: int) -> Callable[[], Callable[[Request], object]]:
+    """The exported workflow step's encoding and the TorchScript, called directly."""
     import torch
 
-    from serving.inference_workflow import InferenceWorkflow, RequestEncoder
+    from serving.export import MODEL_STEP, load_request_encoder
+    from serving.repository import VERSION
 
-    encoder = RequestEncoder(InferenceWorkflow(spec.path("workflow"), compiled=compiled),
-                             spec.user_feature, spec.item_feature, spec.first_item_index)
-    model = torch.jit.load(str(run / "model.ts"), map_location="cpu").eval()
+    encoder = load_request_encoder(repository, compiled=compiled)
+    model = torch.jit.load(str(repository / MODEL_STEP / VERSION / "model.pt"), map_location="cpu").eval()
     torch.set_num_threads(1)  # as the server's model step: concurrency comes from the clients
 
     def connect():
@@ -218,8 +219,8 @@ def plot(results: list[Measurement], path: Path) -> None:
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, type=Path, help="ETL output directory")
-    parser.add_argument("--run", required=True, type=Path, help="training run directory (holds model.ts)")
-    parser.add_argument("--repository", type=Path, help="an existing export to serve (default: export to a temporary directory)")
+    parser.add_argument("--run", type=Path, help="training run directory (holds model.ts), exported to a temporary repository")
+    parser.add_argument("--repository", type=Path, help="an existing export of --data to serve instead of --run")
     parser.add_argument("--requests", type=int, default=1000, help="requests per (target, workload, concurrency) (default 1000)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], help="concurrent clients (default 1 8 32)")
     parser.add_argument("--protocols", nargs="+", choices=("http", "grpc"), default=["http", "grpc"], help="protocols (default both)")
@@ -238,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     from serving.serve import TritonServer
     from workflows.feature_spec import FeatureSpecError
 
+    if (args.run is None) == (args.repository is None):
+        raise ServingError("pass either --run (exported here) or --repository (an existing export)")
     try:
         spec = FeatureSpec.load(args.data)
         candidates = candidate_lists(spec, args.requests, args.seed)
@@ -263,8 +266,8 @@ def main(argv: list[str] | None = None) -> int:
             for protocol in args.protocols:
                 url = server.http_url if protocol == "http" else server.grpc_url
                 measure(f"triton {protocol}", served(url, protocol, args.top_k))
-    measure("in-process, compiled ops", in_process(spec, args.run, compiled=True, top_k=args.top_k))
-    measure("in-process, Workflow pandas", in_process(spec, args.run, compiled=False, top_k=args.top_k))
+        measure("in-process, compiled ops", in_process(repository, compiled=True, top_k=args.top_k))
+        measure("in-process, Workflow pandas", in_process(repository, compiled=False, top_k=args.top_k))
     print_table(results)
     if args.plot:
         plot(results, args.plot)

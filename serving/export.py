@@ -25,7 +25,7 @@ import numpy as np
 import tritonclient.grpc.model_config_pb2 as mc
 
 from serving.errors import ServingError, run_cli
-from serving.repository import VERSION, tensor, validate_repository, write_config
+from serving.repository import VERSION, read_config, tensor, validate_repository, write_config
 from workflows.atomic import atomic_directory
 from workflows.cluster import quiet_merlin
 from workflows.feature_spec import FeatureSpec, FeatureSpecError
@@ -98,11 +98,16 @@ def _cpu_instances(count: int) -> list[mc.ModelInstanceGroup]:
     return [mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU, count=count)]
 
 
-def write_workflow_step(repo: Path, inputs: ExportInputs, unknown_ids: str, instances: int, default_k: int) -> None:
+def write_workflow_step(repo: Path, inputs: ExportInputs, unknown_ids: str, instances: int, default_k: int,
+                        exclude_seen: bool) -> None:
     version_dir = _python_model(
         repo / WORKFLOW_STEP, MODEL_SOURCES / "workflow" / "model.py", Path(__file__).with_name("inference_workflow.py")
     )
     shutil.copytree(inputs.workflow_dir, version_dir / "workflow")
+    if exclude_seen:
+        from serving.inference_workflow import SEEN_FILE
+
+        seen_items(inputs).save(version_dir / SEEN_FILE)
     config = mc.ModelConfig(name=WORKFLOW_STEP, backend="python", instance_group=_cpu_instances(instances))
     config.input.extend([
         tensor(mc.ModelInput, inputs.user, mc.TYPE_INT64),
@@ -120,6 +125,24 @@ def write_workflow_step(repo: Path, inputs: ExportInputs, unknown_ids: str, inst
     _set_parameters(config, user_column=inputs.user, item_column=inputs.item,
                     first_index=inputs.spec.first_item_index, unknown_ids=unknown_ids, default_k=default_k)
     write_config(repo / WORKFLOW_STEP, config)
+
+
+def seen_items(inputs: ExportInputs) -> "SeenItems":
+    """Every (user, item) the ETL output holds: training pairs and the held-out positives."""
+    import pandas as pd
+
+    from serving.inference_workflow import SeenItems
+
+    label = inputs.spec.label_feature
+    frames = [pd.read_parquet(f, columns=[inputs.user, inputs.item]) for f in inputs.spec.files("train")]
+    for split in ("validation", "test"):
+        if inputs.spec.has_mapping(split):
+            for f in inputs.spec.files(split):
+                lists = pd.read_parquet(f, columns=[inputs.user, inputs.item, label])
+                frames.append(lists.loc[lists[label] > 0, [inputs.user, inputs.item]])
+    pairs = pd.concat(frames, ignore_index=True)
+    return SeenItems.from_pairs(pairs[inputs.user].to_numpy(np.int64), pairs[inputs.item].to_numpy(np.int64),
+                                inputs.spec.num_users)
 
 
 def write_python_model_step(repo: Path, inputs: ExportInputs, instances: int) -> None:
@@ -239,17 +262,23 @@ def write_recommend_ensemble(repo: Path, inputs: ExportInputs) -> None:
 # --- checks ---------------------------------------------------------------------------------------
 
 
+def load_request_encoder(repo: Path, compiled: bool = True):
+    """The exported workflow step's encoder, as the server's workflow step loads it."""
+    from serving.inference_workflow import RequestEncoder
+
+    config = read_config(repo / WORKFLOW_STEP / "config.pbtxt")
+    parameters = {key: value.string_value for key, value in config.parameters.items()}
+    return RequestEncoder.load(repo / WORKFLOW_STEP / VERSION, parameters, compiled=compiled)
+
+
 def check_scoring(repo: Path, inputs: ExportInputs) -> None:
     """Encode every known item for one user with the repository's workflow and score them with
     its TorchScript: a model that cannot score every id of this ETL output fails here."""
     import torch
 
-    from serving.inference_workflow import InferenceWorkflow, RequestEncoder
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        encoder = RequestEncoder(InferenceWorkflow(repo / WORKFLOW_STEP / VERSION / "workflow"),
-                                 inputs.user, inputs.item, inputs.spec.first_item_index)
+        encoder = load_request_encoder(repo)
     model = torch.jit.load(str(repo / MODEL_STEP / VERSION / "model.pt"), map_location="cpu").eval()
     num_users, num_items = inputs.spec.num_users, inputs.spec.num_items
     items = encoder.all_items_encoded
@@ -274,7 +303,7 @@ def check_scoring(repo: Path, inputs: ExportInputs) -> None:
 
 
 def export(data: Path, run: Path, output: Path, flavour: str = "auto", top_k: int = 10,
-           unknown_ids: str = "error", instances: int = 1, overwrite: bool = False,
+           unknown_ids: str = "error", instances: int = 1, exclude_seen: bool = True, overwrite: bool = False,
            log=print) -> str:
     """Write the repository to `output` atomically; returns the model step's flavour."""
     if top_k < 0:
@@ -287,7 +316,7 @@ def export(data: Path, run: Path, output: Path, flavour: str = "auto", top_k: in
     flavour = resolve_flavour(flavour)
     with atomic_directory(output) as staging:
         log(f"workflow step from {inputs.workflow_dir}")
-        write_workflow_step(staging, inputs, unknown_ids, instances, top_k or 10)
+        write_workflow_step(staging, inputs, unknown_ids, instances, top_k or 10, exclude_seen)
         log(f"model step ({flavour}) from {inputs.torchscript}")
         if flavour == "libtorch":
             write_libtorch_model_step(staging, inputs)
@@ -322,6 +351,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="ids unseen at ETL time: 'error' (default) rejects the request naming them; "
                         "'oov' scores them as Categorify's out-of-vocabulary index 2")
     parser.add_argument("--instances", type=int, default=1, help="instances of the workflow and model steps (default 1)")
+    parser.add_argument("--exclude-seen", action=argparse.BooleanOptionalAction, default=True,
+                        help="when ranking every item, leave out the user's items in the ETL output (training "
+                        "pairs and held-out positives); default on")
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     return parser.parse_args(argv)
 
@@ -330,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     quiet_merlin()
     flavour = export(args.data, args.run, args.output, args.flavour, args.top_k, args.unknown_ids,
-                     args.instances, args.overwrite)
+                     args.instances, args.exclude_seen, args.overwrite)
     print(f"wrote {args.output} (model step: {flavour}); serve it with: python serving/serve.py --repository {args.output}")
     return 0
 

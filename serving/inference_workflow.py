@@ -117,6 +117,36 @@ class InferenceWorkflow:
         return {c: np.resize(v, length) for c, v in values.items()}
 
 
+SEEN_FILE = "seen.npz"
+
+
+class SeenItems:
+    """Each user's training items (encoded, CSR): left out when ranking every item."""
+
+    def __init__(self, offsets: np.ndarray, items: np.ndarray):
+        self.offsets, self.items = offsets, items
+
+    @classmethod
+    def from_pairs(cls, users: np.ndarray, items: np.ndarray, num_users: int) -> "SeenItems":
+        order = np.lexsort((items, users))
+        users, items = users[order], items[order]
+        return cls(np.searchsorted(users, np.arange(num_users + 1)).astype(np.int64), items.astype(np.int64))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SeenItems":
+        with np.load(path) as saved:
+            return cls(saved["offsets"], saved["items"])
+
+    def save(self, path: str | Path) -> None:
+        np.savez_compressed(path, offsets=self.offsets, items=self.items)
+
+    def unseen_mask(self, user: int, items: np.ndarray) -> np.ndarray:
+        if not 0 <= user < len(self.offsets) - 1:
+            return np.ones(items.size, dtype=bool)
+        seen = self.items[self.offsets[user]:self.offsets[user + 1]]
+        return ~np.isin(items, seen, assume_unique=False)
+
+
 class RequestError(ValueError):
     """A request the ensemble cannot answer (empty, mismatched lengths, unknown ids)."""
 
@@ -130,18 +160,30 @@ class RequestEncoder:
     """
 
     def __init__(self, workflow: InferenceWorkflow, user_column: str, item_column: str,
-                 first_index: int, unknown_ids: str = "error"):
+                 first_index: int, unknown_ids: str = "error", seen: SeenItems | None = None):
         if unknown_ids not in ("error", "oov"):
             raise ValueError(f"unknown_ids must be 'error' or 'oov', not {unknown_ids!r}")
         self.workflow = workflow
         self.user_column, self.item_column = user_column, item_column
         self.first_index = first_index
         self.unknown_ids = unknown_ids
+        self.seen = seen
         workflow.verify_compiled(workflow.self_check_sample())
         vocabulary = workflow.vocabulary(item_column).astype(np.int64)
         encoded = self._encode(np.full(len(vocabulary), self._any_user(), np.int64), vocabulary)
         known = encoded[item_column] >= first_index
         self.all_items, self.all_items_encoded = vocabulary[known], encoded[item_column][known]
+
+    @classmethod
+    def load(cls, step_dir: str | Path, parameters: dict[str, str], compiled: bool = True) -> "RequestEncoder":
+        """The encoder of an exported workflow step: its version directory and config parameters."""
+        step_dir = Path(step_dir)
+        seen_file = step_dir / SEEN_FILE
+        return cls(
+            InferenceWorkflow(step_dir / "workflow", compiled=compiled),
+            parameters["user_column"], parameters["item_column"], int(parameters["first_index"]),
+            parameters.get("unknown_ids", "error"), SeenItems.load(seen_file) if seen_file.is_file() else None,
+        )
 
     def _any_user(self) -> int:
         return int(self.workflow.vocabulary(self.user_column)[0])
@@ -177,7 +219,11 @@ class RequestEncoder:
         encoded_user = self._encode(user, self.all_items[:1])[self.user_column]
         if self.unknown_ids == "error":
             self._reject_unknown(self.user_column, user, encoded_user)
-        return np.repeat(encoded_user, self.all_items.size), self.all_items_encoded, self.all_items
+        items, raw = self.all_items_encoded, self.all_items
+        if self.seen is not None:
+            unseen = self.seen.unseen_mask(int(encoded_user[0]), items)
+            items, raw = items[unseen], raw[unseen]
+        return np.repeat(encoded_user, items.size), items, raw
 
     def _reject_unknown(self, column: str, raw: np.ndarray, encoded: np.ndarray) -> None:
         unknown = np.unique(raw[encoded < self.first_index])

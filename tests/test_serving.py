@@ -93,6 +93,24 @@ class InProcess:
         self.titles = dict(zip(items.raw_item_id, items.title))
         users = pd.read_parquet(etl / "workflow" / "categories" / "unique.user_id.parquet")
         self.users = users.user_id.to_numpy()
+        self.seen = self._interactions(etl, dict(zip(users.index, users.user_id)), dict(zip(items.item_id, items.raw_item_id)))
+
+    @staticmethod
+    def _interactions(etl: Path, raw_user: dict, raw_item: dict) -> dict[int, set[int]]:
+        """Raw items of each raw user in the ETL output: training pairs and held-out positives."""
+        frames = [pd.read_parquet(f) for f in sorted((etl / "train").glob("*.parquet"))]
+        for split in ("validation", "test"):
+            for f in sorted((etl / split).glob("*.parquet")):
+                lists = pd.read_parquet(f)
+                frames.append(lists[lists.label > 0])
+        pairs = pd.concat(frames)
+        seen: dict[int, set[int]] = {}
+        for user, item in zip(pairs.user_id, pairs.item_id):
+            seen.setdefault(raw_user[user], set()).add(raw_item[item])
+        return seen
+
+    def unseen_items(self, user: int) -> np.ndarray:
+        return np.array([i for i in self.all_items if i not in self.seen.get(user, set())])
 
     def scores(self, user: int, items: np.ndarray) -> np.ndarray:
         from merlin.io import Dataset
@@ -131,8 +149,9 @@ def test_served_scores_equal_in_process_scores(client, reference):
 
 def test_served_top_k_equals_in_process_ranking(client, reference):
     user = int(reference.users[7])
-    top = client.recommend(user, top_k=10)  # among every item
-    expected_items, expected_scores = reference.ranking(user, reference.all_items, 10)
+    top = client.recommend(user, top_k=10)  # among every item the user has not interacted with
+    expected_items, expected_scores = reference.ranking(user, reference.unseen_items(user), 10)
+    assert 0 < len(reference.seen[user]) < len(reference.all_items) - 10
     np.testing.assert_array_equal(top.item_ids, expected_items)
     np.testing.assert_allclose(top.scores, expected_scores, atol=1e-5, rtol=0)
     assert top.titles == [reference.titles[i] for i in expected_items] and all(top.titles)

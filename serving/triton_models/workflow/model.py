@@ -8,7 +8,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helpers copied beside this file
 
 from common import answer_each, input_array, parameters  # noqa: E402
-from inference_workflow import InferenceWorkflow, RequestEncoder, RequestError  # noqa: E402
+from inference_workflow import RequestEncoder, RequestError  # noqa: E402
 
 
 class TritonPythonModel:
@@ -16,11 +16,7 @@ class TritonPythonModel:
         params = parameters(args)
         self.user_column, self.item_column = params["user_column"], params["item_column"]
         self.default_k = int(params["default_k"])
-        workflow = InferenceWorkflow(Path(__file__).resolve().parent / "workflow")
-        self.encoder = RequestEncoder(
-            workflow, self.user_column, self.item_column,
-            first_index=int(params["first_index"]), unknown_ids=params["unknown_ids"],
-        )
+        self.encoder = RequestEncoder.load(Path(__file__).resolve().parent, params)
 
     def execute(self, requests):
         return answer_each(requests, self._respond, (RequestError, ValueError))
