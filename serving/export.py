@@ -1,7 +1,7 @@
 """Export the saved NVTabular workflow and the trained TorchScript model as a Triton ensemble.
 
 The repository (see serving/README.md) holds three steps and two ensembles:
-`workflow` (python backend: raw ids -> encoded ids), `model` (NeuMF's TorchScript, on the
+`workflow` (python backend: raw ids -> encoded ids), `model` (the run's TorchScript, on the
 python backend or on `pytorch_libtorch`), `top_k` (python backend: best candidates as raw
 ids with titles); `scores` = workflow -> model, `recommend` = workflow -> model -> top_k.
 It is built in a temporary directory, checked the way Triton would check it, and only
@@ -28,6 +28,7 @@ from serving.errors import ServingError, run_cli
 from serving.repository import VERSION, read_config, tensor, validate_repository, write_config
 from workflows.atomic import atomic_directory
 from workflows.cluster import quiet_merlin
+from workflows.errors import one_line
 from workflows.feature_spec import FeatureSpec, FeatureSpecError
 
 FLAVOURS = ("auto", "python", "libtorch")
@@ -39,12 +40,14 @@ HELPERS = (MODEL_SOURCES / "common.py",)
 
 @dataclass
 class ExportInputs:
-    """Everything export reads, found and checked before anything is written."""
+    """Everything export reads, found and loaded before anything is written."""
 
     spec: FeatureSpec
     workflow_dir: Path
     items_table: Path
     torchscript: Path
+    workflow: object  # nvtabular.Workflow
+    model: object  # torch.jit.ScriptModule
 
     @property
     def user(self) -> str:
@@ -68,7 +71,31 @@ def locate_inputs(data: Path, run: Path) -> ExportInputs:
     torchscript = run / "model.ts"
     if not torchscript.is_file():
         raise ServingError(f"{torchscript} not found: is {run} a training run directory?")
-    return ExportInputs(spec, workflow_dir, items_table, torchscript)
+    workflow = load_workflow(workflow_dir)
+    missing = {spec.user_feature, spec.item_feature} - set(workflow.input_schema.column_names)
+    if missing:
+        raise ServingError(f"the workflow in {workflow_dir} does not take {sorted(missing)}, which feature_spec.yaml names")
+    return ExportInputs(spec, workflow_dir, items_table, torchscript, workflow, load_torchscript(torchscript))
+
+
+def load_workflow(path: Path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import nvtabular as nvt
+
+        try:
+            return nvt.Workflow.load(str(path))
+        except Exception as exc:  # any unpickling failure means the same thing to the user
+            raise ServingError(f"cannot load the NVTabular workflow in {path}: {one_line(exc)}") from None
+
+
+def load_torchscript(path: Path):
+    import torch
+
+    try:
+        return torch.jit.load(str(path), map_location="cpu").eval()
+    except Exception as exc:
+        raise ServingError(f"{path} is not a loadable TorchScript module: {one_line(exc)}") from None
 
 
 def resolve_flavour(flavour: str) -> str:
@@ -157,20 +184,18 @@ def write_python_model_step(repo: Path, inputs: ExportInputs, instances: int) ->
 
 def write_libtorch_model_step(repo: Path, inputs: ExportInputs) -> None:
     """The TorchScript for Triton's pytorch backend, written by merlin-systems' PredictPyTorch."""
-    import torch
     from merlin.schema import ColumnSchema, Schema
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        import nvtabular as nvt
         from merlin.systems.dag.ops.pytorch import PredictPyTorch
         from merlin.systems.dag.runtimes.triton.ops.pytorch import PredictPyTorchTriton
 
-        encoded = nvt.Workflow.load(str(inputs.workflow_dir)).output_schema
+    encoded = inputs.workflow.output_schema
     # The backend feeds inputs to forward(user, item) in config order: user first.
     input_schema = Schema([encoded[inputs.user], encoded[inputs.item]])
     output_schema = Schema([ColumnSchema("score", dtype=np.float32)])
-    op = PredictPyTorchTriton(PredictPyTorch(torch.jit.load(str(inputs.torchscript)), input_schema, output_schema))
+    op = PredictPyTorchTriton(PredictPyTorch(inputs.model, input_schema, output_schema))
     with tempfile.TemporaryDirectory(dir=repo) as scratch:
         config = op.export(scratch, input_schema, output_schema, version=int(VERSION))
         shutil.move(Path(scratch) / config.name, repo / MODEL_STEP)
@@ -279,7 +304,7 @@ def check_scoring(repo: Path, inputs: ExportInputs) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         encoder = load_request_encoder(repo)
-    model = torch.jit.load(str(repo / MODEL_STEP / VERSION / "model.pt"), map_location="cpu").eval()
+    model = load_torchscript(repo / MODEL_STEP / VERSION / "model.pt")
     num_users, num_items = inputs.spec.num_users, inputs.spec.num_items
     items = encoder.all_items_encoded
     # ... plus the highest index of each table, which only a model sized for this ETL output has.

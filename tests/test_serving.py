@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -262,12 +263,20 @@ def test_export_cli_rejects_bad_input_with_one_line_and_writes_nothing(serving_d
     too_small = tmp_path / "small-run"
     too_small.mkdir()
     torch.jit.script(_DotModel(4, 4)).save(str(too_small / "model.ts"))
+    garbage = tmp_path / "garbage-run"
+    garbage.mkdir()
+    (garbage / "model.ts").write_text("not a model")
+    broken_etl = tmp_path / "broken-etl"
+    shutil.copytree(etl, broken_etl)
+    (broken_etl / "workflow" / "workflow.pkl").write_bytes(b"not a pickle")
     existing = tmp_path / "existing"
     existing.mkdir()
     cases = [
         (["--data", str(tmp_path / "nowhere"), "--run", str(run)], "not found"),
         (["--data", str(etl), "--run", str(tmp_path)], "model.ts not found"),
         (["--data", str(etl), "--run", str(too_small)], "cannot score this ETL output's ids"),
+        (["--data", str(etl), "--run", str(garbage)], "not a loadable TorchScript module"),
+        (["--data", str(broken_etl), "--run", str(run)], "cannot load the NVTabular workflow"),
         (["--data", str(etl), "--run", str(run), "--top-k", "-1"], "--top-k must be >= 0"),
     ]
     for args, message in cases:
@@ -280,11 +289,10 @@ def test_export_cli_rejects_bad_input_with_one_line_and_writes_nothing(serving_d
     done = _export_cli("--data", str(etl), "--run", str(run), "--output", str(existing))
     assert done.returncode == 2 and "exists" in done.stderr and not any(existing.iterdir())
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+    shutil.rmtree(broken_etl)
 
 
 def test_validation_rejects_what_triton_would_reject(repository, tmp_path):
-    import shutil
-
     broken = tmp_path / "broken"
     shutil.copytree(repository, broken)
     config = broken / "recommend" / "config.pbtxt"
