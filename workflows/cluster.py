@@ -89,7 +89,7 @@ def dask_client(device: str, workers: int = 0, scheduler_address: str | None = N
     logging.getLogger("distributed").setLevel(logging.ERROR)
     if scheduler_address:
         try:
-            client = Client(scheduler_address, timeout="10s")
+            client = Client(scheduler_address, timeout="5s")
         except (OSError, TimeoutError) as exc:
             raise EtlError(f"cannot reach the Dask scheduler at {scheduler_address}: {exc}") from None
         with client:

@@ -1,0 +1,38 @@
+"""One process and a real 2-worker Dask LocalCluster on 127.0.0.1 write identical output."""
+
+import pytest
+
+from conftest import ETL_NEGATIVES, ETL_SEED, run_command
+
+
+@pytest.mark.slow
+def test_two_worker_local_cluster_matches_single_process(raw_dir, etl_dir, tmp_path):
+    out = tmp_path / "cluster"
+    run_command("workflows/etl.py", "--input", str(raw_dir), "--output", str(out), "--validation",
+                "--device", "cpu", "--workers", "2", "--negatives", str(ETL_NEGATIVES), "--seed", str(ETL_SEED),
+                "--quiet", timeout=600)
+    single = sorted(p.relative_to(etl_dir) for p in etl_dir.rglob("*.parquet"))
+    clustered = sorted(p.relative_to(out) for p in out.rglob("*.parquet"))
+    assert single == clustered and len(single) >= 6
+    for relative in single:
+        assert (out / relative).read_bytes() == (etl_dir / relative).read_bytes(), relative
+    assert (out / "feature_spec.yaml").read_text() == (etl_dir / "feature_spec.yaml").read_text()
+
+
+def test_existing_scheduler_address_is_used(raw_dir, tmp_path):
+    """--scheduler-address: the ETL runs on a cluster it did not start (one tcp worker in this process)."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tcp", host="127.0.0.1",
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        result = run_command("workflows/etl.py", "--input", str(raw_dir), "--output", str(tmp_path / "etl"),
+                             "--scheduler-address", cluster.scheduler_address, "--device", "cpu", "--quiet")
+        assert result.returncode == 0
+        assert client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.transition_counter) > 0
+
+
+def test_unreachable_scheduler_is_one_line_error(raw_dir, tmp_path):
+    result = run_command("workflows/etl.py", "--input", str(raw_dir), "--output", str(tmp_path / "etl"),
+                         "--scheduler-address", "tcp://127.0.0.1:9", "--device", "cpu", "--quiet", check=False)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "cannot reach the Dask scheduler" in result.stderr and not (tmp_path / "etl").exists()
