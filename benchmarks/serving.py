@@ -54,7 +54,10 @@ class Measurement:
 def run_load(target: str, workload: str, connect: Callable[[], Callable[[Request], object]],
              requests: list[Request], concurrency: int, warmup: int) -> Measurement:
     """Send `requests` from `concurrency` threads, each with its own connection from `connect`."""
+    from tqdm import tqdm
+
     result = Measurement(target, workload, concurrency)
+    progress = tqdm(total=len(requests), desc=f"{target}, {workload}, {concurrency} clients", unit="req", leave=False)
     lock = threading.Lock()
     shares = [requests[i::concurrency] for i in range(concurrency)]
     start_line = threading.Barrier(concurrency + 1)
@@ -74,6 +77,7 @@ def run_load(target: str, workload: str, connect: Callable[[], Callable[[Request
                 else:
                     result.errors += 1
                     result.first_error = result.first_error or error
+                progress.update()
         close = getattr(call, "close", None)
         if close:
             close()
@@ -86,6 +90,7 @@ def run_load(target: str, workload: str, connect: Callable[[], Callable[[Request
     for thread in threads:
         thread.join()
     result.wall_s = time.perf_counter() - began
+    progress.close()
     return result
 
 
@@ -253,7 +258,6 @@ def main(argv: list[str] | None = None) -> int:
     def measure(target: str, connect) -> None:
         for workload, requests in workloads.items():
             for clients in args.concurrency:
-                print(f"{target}: {workload}, {clients} clients ...", flush=True)
                 results.append(run_load(target, workload, connect, requests, clients, args.warmup))
 
     with tempfile.TemporaryDirectory() as scratch:
