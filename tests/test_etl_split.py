@@ -148,3 +148,36 @@ def test_single_interaction_users_stay_in_train_and_ties_break_by_item(tmp_path)
     tied = log[log["timestamp"] == 978297001]
     assert test[tied["user"].iloc[0]] == tied["item"].max()
     assert len(test) == 4 and len(train) == len(log) - 4
+
+
+def test_min_rating_then_min_user_interactions(tmp_path):
+    out = tmp_path / "etl"
+    run_command("workflows/etl.py", "--input", str(FIXTURES / "ml-1m"), "--output", str(out), "--negatives", "1",
+                "--min-rating", "4", "--min-user-interactions", "2", "--device", "cpu", "--quiet")
+    raw = read_log(FIXTURES / "ml-1m", "auto", Backend("cpu")).interactions.compute()
+    liked = raw[raw["rating"] >= 4]
+    kept = liked.groupby("user_id").filter(lambda g: len(g) >= 2)
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["interactions"] == len(kept) and stats["raw_interactions"] == len(raw)
+    assert stats["users"] == kept["user_id"].nunique() and stats["items"] == kept["item_id"].nunique()
+    spec = FeatureSpec.load(out)
+    assert len(read_parts(spec.files("train"))) + stats["test_users"] == len(kept)
+
+
+def test_freq_threshold_sends_rare_ids_to_the_oov_index(tmp_path):
+    """Fixture: item 260 and user 5 occur once; with --freq-threshold 2 both map to index 2."""
+    import nvtabular as nvt
+
+    out = tmp_path / "etl"
+    run_command("workflows/etl.py", "--input", str(FIXTURES / "ml-1m"), "--output", str(out), "--negatives", "1",
+                "--freq-threshold", "2", "--device", "cpu", "--quiet")
+    workflow = nvt.Workflow.load(str(out / "workflow"))
+    mapped = workflow.transform(pd.DataFrame({"user_id": [5, 1], "item_id": [260, 1193]}))
+    assert mapped["user_id"].iloc[0] == 2 and mapped["item_id"].iloc[0] == 2
+    assert mapped["user_id"].iloc[1] >= 3 and mapped["item_id"].iloc[1] >= 3
+    spec = FeatureSpec.load(out)
+    assert spec.num_items == 3 + 5 and spec.num_users == 3 + 4
+    test = read_parts(spec.files("test"))
+    assert 2 not in set(test["user_id"]), "the OOV pseudo-user is never evaluated"
+    assert (test.loc[test["label"] == 0, "item_id"] >= 3).all()
+    assert 2 not in set(pd.read_parquet(out / "items.parquet")["item_id"])

@@ -107,4 +107,5 @@ def dask_client(device: str, workers: int = 0, scheduler_address: str | None = N
                                host="127.0.0.1", dashboard_address=None,
                                memory_limit=memory_limit, silence_logs=logging.ERROR)
     with cluster, Client(cluster) as client:
+        client.run(quiet_merlin)  # the workers are fresh processes with default warning filters
         yield client

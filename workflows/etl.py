@@ -35,7 +35,7 @@ from workflows.atomic import atomic_directory  # noqa: E402
 from workflows.cluster import Backend, dask_client, resolve_device  # noqa: E402
 from workflows.errors import EtlError, OneLineArgumentParser, exit_with, one_line  # noqa: E402
 from workflows.feature_spec import FeatureSpec, LABEL_CHANNEL, ITEM_CHANNEL, USER_CHANNEL  # noqa: E402
-from workflows.readers import FORMATS, ITEM, RATING, USER, ColumnNames, read_log  # noqa: E402
+from workflows.readers import FORMATS, ITEM, LAYOUTS, RATING, USER, ColumnNames, read_log  # noqa: E402
 
 LABEL = "label"
 PHASES = ("read", "filter", "encode", "split", "negatives", "write")
@@ -113,7 +113,11 @@ def _source(opts: EtlOptions) -> tuple[Path, str]:
         return download(opts.download, progress=opts.progress), opts.download
     if opts.input is None:
         raise EtlError("give --input PATH or --download NAME")
-    return opts.input, opts.input.name
+    path = opts.input
+    # ml-1m/ratings.dat is named after its release folder; a generic log after itself.
+    named_by_folder = path.is_dir() or path.name in {layout.ratings for layout in LAYOUTS.values()}
+    return path, (path.absolute().name if path.is_dir() else path.parent.absolute().name if named_by_folder
+                  else path.stem)
 
 
 def _pipeline(opts: EtlOptions, source: Path, dataset_name: str, backend: Backend, out: Path,
@@ -226,8 +230,10 @@ def _cardinality(schema, column: str) -> int:
 
 
 def _check_order_key_fits(encoded: Path, n_items: int, backend: Backend) -> None:
+    import dask
+
     ts = split.read_parquet(encoded, backend, [graph.TIME])[graph.TIME]
-    largest = max(abs(int(ts.max().compute())), abs(int(ts.min().compute())))
+    largest = max(abs(int(value)) for value in dask.compute(ts.max(), ts.min()))
     if (largest + 1) * n_items >= 2**63:
         raise EtlError(f"timestamps up to {largest} x {n_items} items overflow the int64 order key; "
                        "rescale the time column (e.g. to seconds)")
@@ -327,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     wf = parser.add_argument_group("workflow")
     wf.add_argument("--min-rating", type=float, help="implicit feedback: keep only interactions rated at least this")
     wf.add_argument("--min-user-interactions", type=int, default=1,
-                    help="drop users with fewer interactions (after --min-rating)")
+                    help="drop users with fewer interactions (after --min-rating); users left with a single "
+                         "interaction keep it in train and get no test row (two: no validation row)")
     wf.add_argument("--freq-threshold", type=int, default=0,
                     help="ids seen fewer times map to Categorify's out-of-vocabulary index 2")
     wf.add_argument("--validation", action="store_true",

@@ -1,0 +1,172 @@
+"""ETL benchmark: wall time per phase, rows/s and peak memory at growing sizes.
+
+Generates ml-20m-shaped synthetic logs (users and items scaled from ml-20m's 138,493 x 26,744)
+once into --data-dir, runs `workflows/etl.py` on each as a user would (a fresh process),
+samples the resident memory of that process and all its children, and prints a table.
+
+    python benchmarks/etl.py                      # 1M, 5M, 20M interactions
+    python benchmarks/etl.py --sizes 1M 5M --workers 2 --plot etl-benchmark.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):
+    sys.path[0] = str(REPO)
+
+from workflows.errors import OneLineArgumentParser  # noqa: E402
+
+ML20M_ROWS, ML20M_USERS, ML20M_ITEMS = 20_000_263, 138_493, 26_744
+PHASES = ("read", "filter", "encode", "split", "negatives", "write")
+
+
+def parse_size(text: str) -> int:
+    scale = {"K": 1_000, "M": 1_000_000}.get(text[-1].upper(), 1)
+    try:
+        return int(float(text[:-1] if scale > 1 else text) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 500K, 5M, 20000000)") from None
+
+
+def shape(rows: int) -> tuple[int, int]:
+    """ml-20m's users per row, and items growing with the square root of the size."""
+    fraction = rows / ML20M_ROWS
+    return max(100, round(ML20M_USERS * fraction)), max(1_000, round(ML20M_ITEMS * math.sqrt(fraction)))
+
+
+class PeakMemory:
+    """Peak resident set size of a process tree, sampled in a background thread."""
+
+    def __init__(self, pid: int, interval: float = 0.1):
+        self.root, self.interval, self.peak = psutil.Process(pid), interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self):
+        while not self._stop.is_set():
+            try:
+                procs = [self.root, *self.root.children(recursive=True)]
+                total = 0
+                for proc in procs:
+                    try:
+                        total += proc.memory_info().rss
+                    except psutil.NoSuchProcess:
+                        pass
+                self.peak = max(self.peak, total)
+            except psutil.NoSuchProcess:
+                return
+            self._stop.wait(self.interval)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def ensure_data(rows: int, data_dir: Path, seed: int) -> Path:
+    users, items = shape(rows)
+    target = data_dir / f"synthetic-{rows}-{users}x{items}-s{seed}"
+    if not (target / "ratings.csv").is_file():
+        print(f"generating {rows:,} interactions ({users:,} users, {items:,} items) in {target}", flush=True)
+        subprocess.run([sys.executable, str(REPO / "workflows/synthetic.py"), "--output", str(target),
+                        "--interactions", str(rows), "--users", str(users), "--items", str(items),
+                        "--format", "ml-20m", "--seed", str(seed), "--quiet"], check=True)
+    return target
+
+
+def run_etl(raw: Path, output: Path, extra: list[str]) -> dict:
+    command = [sys.executable, str(REPO / "workflows/etl.py"), "--input", str(raw), "--output", str(output),
+               "--quiet", *extra]
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    memory = PeakMemory(process.pid)
+    _, stderr = process.communicate()
+    wall = time.perf_counter() - start
+    peak = memory.stop()
+    if process.returncode != 0:
+        raise SystemExit(f"etl failed on {raw}: {stderr.strip().splitlines()[-1] if stderr.strip() else process.returncode}")
+    stats = json.loads((output / "stats.json").read_text())
+    return {"rows": stats["interactions"], "users": stats["users"], "items": stats["items"],
+            "seconds": stats["seconds"], "wall": wall, "peak_rss": peak}
+
+
+def table(results: list[dict]) -> str:
+    header = ["rows", *PHASES, "etl total", "process wall", "rows/s", "peak RSS"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
+    for r in results:
+        cells = [f"{r['rows']:,}", *(f"{r['seconds'].get(p, 0):.1f} s" for p in PHASES),
+                 f"{r['seconds']['total']:.1f} s", f"{r['wall']:.1f} s", f"{r['rows'] / r['wall']:,.0f}",
+                 f"{r['peak_rss'] / 2**30:.2f} GiB"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r["rows"] / 1e6 for r in results]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    bottom = [0.0] * len(results)
+    for phase in PHASES:
+        values = [r["seconds"].get(phase, 0) for r in results]
+        left.bar([f"{x:g}M" for x in rows], values, bottom=bottom, label=phase)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    left.set(ylabel="seconds", title="ETL time per phase")
+    left.legend()
+    right.plot(rows, [r["peak_rss"] / 2**30 for r in results], marker="o")
+    right.set(xlabel="million interactions", ylabel="GiB", title="peak RSS (process tree)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", type=parse_size, default=[1_000_000, 5_000_000, 20_000_000],
+                        help="interaction counts to run (suffixes K and M allowed)")
+    parser.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "merlin-ncf-bench",
+                        help="where the synthetic inputs are generated once and reused")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
+    parser.add_argument("--device", default="cpu", help="passed to etl.py --device")
+    parser.add_argument("--workers", type=int, default=0, help="passed to etl.py --workers (0 = in-process)")
+    parser.add_argument("--json", type=Path, help="also write the results as JSON here")
+    parser.add_argument("--plot", type=Path, help="also plot time per phase and peak memory to this PNG")
+    args = parser.parse_args(argv)
+
+    results = []
+    for rows in args.sizes:
+        raw = ensure_data(rows, args.data_dir, args.seed)
+        output = args.data_dir / f"etl-{rows}"
+        print(f"ETL on {rows:,} interactions ...", flush=True)
+        results.append(run_etl(raw, output, ["--device", args.device, "--workers", str(args.workers)]))
+        shutil.rmtree(output, ignore_errors=True)
+    print(f"\nETL benchmark ({args.device}, workers={args.workers}, {psutil.cpu_count()} CPUs, "
+          f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM)\n")
+    print(table(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    if args.plot:
+        plot(results, args.plot)
+        print(f"\nplot: {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
