@@ -154,7 +154,7 @@ class RequestError(ValueError):
 class RequestEncoder:
     """Raw (user ids, item ids) of one request -> encoded ids for the model, via the workflow.
 
-    One user id is paired with every item id; an empty item list means every known item.
+    One user id is paired with every item id; no item list (None) means every known item.
     Ids that Categorify maps to its reserved indices (unseen at fit time, or rarer than its
     frequency threshold) are an error, or with `unknown_ids="oov"` scored as the OOV index.
     """
@@ -196,11 +196,14 @@ class RequestEncoder:
         users = np.asarray(users, dtype=np.int64).reshape(-1)
         if users.size == 0:
             raise RequestError(f"{self.user_column} is empty: send one user id, or one per item id")
-        if items is None or np.size(items) == 0:
+        if items is None:
             if users.size != 1:
                 raise RequestError(f"scoring every item needs exactly one {self.user_column}, got {users.size}")
             return self._encode_for_all_items(users)
         items = np.asarray(items, dtype=np.int64).reshape(-1)
+        if items.size == 0:
+            raise RequestError(f"{self.item_column} is empty: send item ids, or leave {self.item_column} out "
+                               "of a 'recommend' request to rank every item")
         if users.size == 1 and items.size > 1:
             users = np.repeat(users, items.size)
         if users.size != items.size:

@@ -187,6 +187,7 @@ def _send_raw(url: str, arrays: dict[str, np.ndarray]) -> None:
         ("unknown user", "unknown user_id"),
         ("unknown item", "unknown item_id"),
         ("empty user", "user_id is empty"),
+        ("empty items", "item_id is empty"),
         ("mismatched lengths", "send one user id, or one per item id"),
         ("top_k zero", "top_k must be one integer >= 1"),
         ("float ids", "expects 'INT64'"),
@@ -203,6 +204,8 @@ def test_bad_requests_get_errors_and_server_keeps_serving(server, reference, req
                 client.recommend(user, [int(items[0]), 999_999_999])
             elif request_kind == "empty user":
                 client.scores(np.zeros(0, np.int64), items)
+            elif request_kind == "empty items":
+                client.scores([user], np.zeros(0, np.int64))
             elif request_kind == "mismatched lengths":
                 client.scores([user, user], items)
             elif request_kind == "top_k zero":
