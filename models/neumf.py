@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from models.layers import ByteDropout, mlp_tower
+from models.layers import DenseReluDropout, mlp_tower
 
 VARIANTS = ("neumf", "gmf", "mlp")
 
@@ -57,8 +57,7 @@ class NeuMF(nn.Module):
             self.mlp_user = nn.Embedding(nb_users, half)
             self.mlp_item = nn.Embedding(nb_items, half)
             # The first layer's weight is applied in two halves (user, item) in forward().
-            self.mlp_first = nn.Linear(mlp_layers[0], mlp_layers[1])
-            self.mlp_first_act = nn.Sequential(nn.ReLU(), ByteDropout(dropout))
+            self.mlp_first = DenseReluDropout(mlp_layers[0], mlp_layers[1], dropout)
             self.mlp_rest = mlp_tower(mlp_layers[1], mlp_layers[2:], dropout)
             out_features += mlp_layers[-1]
         self.final = nn.Linear(out_features, 1)
@@ -80,18 +79,22 @@ class NeuMF(nn.Module):
         flat = item.dim() == 1
         if flat:
             item = item.unsqueeze(1)
-        branches = []
+        # final(cat(gmf, mlp)) computed branch by branch, so that the [B, K, factors] GMF
+        # product is never materialised: (u * i) . w_gmf = i . (u * w_gmf), a batched dot.
+        weight = self.final.weight.squeeze(0)
+        logits = self.final.bias
         if self.use_gmf:
-            branches.append(self.gmf_user(user).unsqueeze(1) * self.gmf_item(item))
+            mf_dim = self.gmf_user.embedding_dim
+            user_side = self.gmf_user(user) * weight[:mf_dim]
+            logits = logits + torch.bmm(self.gmf_item(item), user_side.unsqueeze(2)).squeeze(2)
+            weight = weight[mf_dim:]
         if self.use_mlp:
             half = self.mlp_user.embedding_dim
-            weight = self.mlp_first.weight
-            user_part = F.linear(self.mlp_user(user), weight[:, :half])
-            item_part = F.linear(self.mlp_item(item), weight[:, half:], self.mlp_first.bias)
-            hidden = self.mlp_first_act(user_part.unsqueeze(1) + item_part)
-            branches.append(self.mlp_rest(hidden))
-        features = branches[0] if len(branches) == 1 else torch.cat(branches, dim=-1)
-        logits = self.final(features).squeeze(-1)
+            first, bias = self.mlp_first.scaled_parameters()
+            user_part = F.linear(self.mlp_user(user), first[:, :half])
+            item_part = F.linear(self.mlp_item(item), first[:, half:], bias)
+            hidden = self.mlp_rest(self.mlp_first.activate(item_part + user_part.unsqueeze(1)))
+            logits = logits + F.linear(hidden, weight.unsqueeze(0)).squeeze(2)
         return logits.squeeze(1) if flat else logits
 
     @classmethod

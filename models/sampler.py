@@ -29,14 +29,20 @@ class NegativeSampler:
         if num_items - first_item < 2:
             raise ValueError(f"need at least 2 items to sample from [{first_item}, {num_items})")
         self.low, self.high, self.negatives = int(first_item), int(num_items), int(negatives)
+        self._labels: torch.Tensor | None = None
 
     def candidates(self, positives: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """items [B, 1 + N] (the positive first, then N negatives) and labels [B, 1 + N]."""
-        negatives = torch.randint(
-            self.low, self.high, (positives.shape[0], self.negatives),
-            generator=generator, device=positives.device, dtype=positives.dtype,
-        )
-        items = torch.cat([positives.unsqueeze(1), negatives], dim=1)
-        labels = torch.zeros(items.shape, dtype=torch.float32, device=items.device)
-        labels[:, 0] = 1.0
-        return items, labels
+        rows = positives.shape[0]
+        items = torch.randint(self.low, self.high, (rows, 1 + self.negatives),
+                              generator=generator, device=positives.device, dtype=positives.dtype)
+        items[:, 0] = positives
+        return items, self.labels(rows, positives.device)
+
+    def labels(self, rows: int, device: torch.device) -> torch.Tensor:
+        """1 for the positive column, 0 for the negatives; cached, as every batch but the
+        last has the same shape."""
+        if self._labels is None or self._labels.shape[0] != rows or self._labels.device != device:
+            self._labels = torch.zeros((rows, 1 + self.negatives), dtype=torch.float32, device=device)
+            self._labels[:, 0] = 1.0
+        return self._labels

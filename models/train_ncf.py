@@ -88,6 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="torch CPU threads per process (0: cores / processes on this node)")
     train.add_argument("--parts-per-chunk", type=positive_int, default=1,
                        help="parquet partitions the Loader concatenates and shuffles together")
+    train.add_argument("--max-steps", type=non_negative_int, default=0,
+                       help="batches per epoch at most (0: whole epoch), for smoke runs")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.add_argument("--stop-after-steps", type=non_negative_int, default=0,
                        help="testing aid: kill the process (SIGKILL) after this many optimizer steps")

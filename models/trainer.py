@@ -46,6 +46,7 @@ class TrainOptions:
     seed: int = 0
     eval_batch_size: int = 2**20  # candidates scored per forward pass
     parts_per_chunk: int = 1
+    max_steps: int = 0  # batches per epoch at most (0: the whole shard); smoke runs, benchmarks
     progress: bool = True
     stop_after_steps: int = 0  # debug: SIGKILL ourselves after this many optimizer steps
 
@@ -90,7 +91,7 @@ def autocast(device: torch.device, enabled: bool):
 def build_optimizer(model: nn.Module, options: TrainOptions, device: torch.device) -> torch.optim.Adam:
     return torch.optim.Adam(
         model.parameters(), lr=options.lr, betas=(options.beta1, options.beta2), eps=options.eps,
-        fused=device.type == "cuda",
+        fused=True,  # on CPU too: 4x faster than the foreach step over the embedding tables here
     )
 
 
@@ -168,6 +169,8 @@ class Trainer:
         steps = len(loader)
         # DDP needs every rank to take the same number of steps; shards can differ by a batch.
         steps = int(context.min([float(steps)])[0])
+        if options.max_steps:
+            steps = min(steps, options.max_steps)
         accumulation = options.grad_accumulation
         self.model.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)

@@ -49,3 +49,21 @@ def etl_dir(raw_dir) -> Path:
     run_command("workflows/etl.py", "--input", str(raw_dir), "--output", str(out), "--validation",
                 "--device", "cpu", "--negatives", str(ETL_NEGATIVES), "--seed", str(ETL_SEED), "--quiet")
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# Training (models/): a short real training run on etl_dir, for the serving tests.
+# ---------------------------------------------------------------------------------------
+
+# A small NeuMF and few epochs: a few seconds on 2 cores, yet well above random ranking.
+TRAIN_ARGS = ("--factors", "16", "--mlp-layers", "32", "32", "16", "--dropout", "0.1", "--batch-size", "2000",
+              "--lr", "0.01", "--epochs", "3", "--seed", "0", "--no-progress")
+
+
+@pytest.fixture(scope="session")
+def trained_run(etl_dir) -> Path:
+    """models/train_ncf.py on etl_dir: a run directory with checkpoints/, model.ts (encoded
+    user, item int64[N] -> probability float32[N]), config.json, log.jsonl, training.png."""
+    out = etl_dir.parent / "run"
+    run_command("models/train_ncf.py", "--data", str(etl_dir), "--output", str(out), *TRAIN_ARGS)
+    return out

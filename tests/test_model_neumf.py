@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from models.layers import ByteDropout
+from models.layers import DenseReluDropout
 from models.metrics import hit_and_ndcg_sums, positive_rank
 from models.neumf import NeuMF
 from models.sampler import NegativeSampler, epoch_generator
@@ -40,8 +40,8 @@ def test_defaults_are_nvidias_and_init_is_the_papers():
     assert model.gmf_user.weight.std().item() == pytest.approx(0.01, rel=0.05)
     assert model.mlp_item.weight.mean().abs().item() < 1e-3
     glorot = math.sqrt(6 / (256 + 256))
-    assert model.mlp_first.weight.abs().max().item() <= glorot
-    assert model.mlp_first.weight.abs().max().item() > 0.9 * glorot
+    assert model.mlp_first.linear.weight.abs().max().item() <= glorot
+    assert model.mlp_first.linear.weight.abs().max().item() > 0.9 * glorot
     lecun = math.sqrt(3 / model.final.in_features)
     assert model.final.weight.abs().max().item() <= lecun
     assert all(m.bias.abs().sum() == 0 for m in model.modules() if isinstance(m, torch.nn.Linear))
@@ -65,20 +65,30 @@ def test_neumf_from_pretrained_combines_gmf_and_mlp_outputs():
         NeuMF.from_pretrained(mlp, gmf)
 
 
-def test_dropout_drops_about_p_and_keeps_the_mean():
+def identity_layer(width: int, dropout: float) -> DenseReluDropout:
+    layer = DenseReluDropout(width, width, dropout)
+    with torch.no_grad():
+        layer.linear.weight.copy_(torch.eye(width))
+        layer.linear.bias.zero_()
+    return layer
+
+
+def test_dense_relu_dropout_drops_about_p_and_keeps_the_mean():
     torch.manual_seed(0)
-    dropout = ByteDropout(0.5)
-    x = torch.ones(256, 1024)
-    y = dropout(x)
+    layer = identity_layer(512, 0.5)
+    x = torch.ones(512, 512)
+    y = layer(x)
     assert (y == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
     assert y.mean().item() == pytest.approx(1.0, abs=0.02)
-    assert torch.equal(dropout.eval()(x), x)
-    assert torch.equal(ByteDropout(0.0)(x), x)
+    signed = torch.randn(64, 512)
+    torch.testing.assert_close(layer.eval()(signed), signed.clamp_min(0))  # eval: plain ReLU
+    torch.testing.assert_close(identity_layer(512, 0.0)(signed), signed.clamp_min(0))
     # Gradients flow only through kept elements, scaled like the forward.
     x.requires_grad_(True)
-    out = ByteDropout(0.25)(x)
+    out = identity_layer(512, 0.25)(x)
     out.sum().backward()
     torch.testing.assert_close(x.grad, out.detach())
+    assert out.max().item() == pytest.approx(256 / 192)
 
 
 def test_sampler_draws_real_items_fresh_each_epoch_and_reproducibly():
