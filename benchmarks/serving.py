@@ -57,7 +57,8 @@ def run_load(target: str, workload: str, connect: Callable[[], Callable[[Request
     from tqdm import tqdm
 
     result = Measurement(target, workload, concurrency)
-    progress = tqdm(total=len(requests), desc=f"{target}, {workload}, {concurrency} clients", unit="req", leave=False)
+    progress = tqdm(total=len(requests), desc=f"{target}, {workload}, {concurrency} clients", unit="req",
+                    leave=False, disable=None, mininterval=0.5)  # disable=None: no bar when not a terminal
     lock = threading.Lock()
     shares = [requests[i::concurrency] for i in range(concurrency)]
     start_line = threading.Barrier(concurrency + 1)
