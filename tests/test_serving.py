@@ -29,7 +29,7 @@ PYTHON = sys.executable
 pytestmark = pytest.mark.slow
 
 
-# --- inputs: the shared ETL output and a model sized for it -----------------------------------------
+# --- inputs: the shared ETL output and training run (tests/conftest.py) ----------------------------
 
 
 class _DotModel(torch.nn.Module):
@@ -44,14 +44,8 @@ class _DotModel(torch.nn.Module):
 
 
 @pytest.fixture(scope="module")
-def serving_data(etl_dir, tmp_path_factory) -> tuple[Path, Path]:
-    from workflows.feature_spec import FeatureSpec
-
-    spec = FeatureSpec.load(etl_dir)
-    run = tmp_path_factory.mktemp("serving-run")
-    torch.manual_seed(0)
-    torch.jit.script(_DotModel(spec.num_users, spec.num_items)).save(str(run / "model.ts"))
-    return etl_dir, run
+def serving_data(etl_dir, trained_run) -> tuple[Path, Path]:
+    return etl_dir, trained_run
 
 
 # --- the served repository ---------------------------------------------------------------------------
@@ -255,6 +249,12 @@ def test_libtorch_repository_is_valid_without_a_libtorch_backend(serving_data, t
     original = torch.jit.load(str(run / "model.ts"))
     users, items = torch.arange(3, 20), torch.arange(3, 20).flip(0)
     torch.testing.assert_close(exported(users, items), original(users, items), atol=1e-6, rtol=0)
+    # ... and like the checkpoint it came from (the best epoch's weights, in eval mode).
+    from models.checkpoint import load, model_from
+
+    checkpoint = model_from(load(run / "checkpoints" / "best.pt")).eval()
+    with torch.inference_mode():
+        torch.testing.assert_close(exported(users, items), torch.sigmoid(checkpoint(users, items).float()), atol=1e-5, rtol=0)
 
 
 def _export_cli(*args: str) -> subprocess.CompletedProcess:
