@@ -54,14 +54,18 @@ def sample_negatives(sorted_keys, users, n_items: int, first_index: int, k: int,
     check_feasible(sorted_keys, users, n_items, first_index, k, xp)
     users = users.astype(xp.int64)[:, None]
     candidates = rng.integers(first_index, n_items, size=(users.shape[0], k), dtype=xp.int64)
+    rows = xp.arange(users.shape[0])  # rows that may still hold a bad draw
     for _ in range(max_rounds):
-        bad = _contains(sorted_keys, users * n_items + candidates, xp) if sorted_keys.size else \
-            xp.zeros(candidates.shape, dtype=bool)
-        bad |= _repeated_in_row(candidates, xp)
-        n_bad = int(bad.sum())
-        if n_bad == 0:
+        block = candidates[rows]
+        bad = _repeated_in_row(block, xp)
+        if sorted_keys.size:
+            bad |= _contains(sorted_keys, users[rows] * n_items + block, xp)
+        row_bad = bad.any(axis=1)
+        rows, block, bad = rows[row_bad], block[row_bad], bad[row_bad]
+        if rows.size == 0:
             return candidates
-        candidates[bad] = rng.integers(first_index, n_items, size=n_bad, dtype=xp.int64)
+        block[bad] = rng.integers(first_index, n_items, size=int(bad.sum()), dtype=xp.int64)
+        candidates[rows] = block
     raise EtlError("negative sampling did not converge: too few items outside the users' histories")
 
 

@@ -96,7 +96,7 @@ def detect_format(path: Path) -> str:
 
 
 def read_log(path: str | os.PathLike, fmt: str, backend: Backend, columns: ColumnNames = ColumnNames(),
-             partition_size: str | int = "128MB") -> RawLog:
+             partition_size: str | int = "32MB") -> RawLog:
     path = Path(path)
     if not path.exists():
         raise EtlError(f"input {path} does not exist")
@@ -217,7 +217,8 @@ def _read_generic_parquet(path: Path, backend: Backend, columns: ColumnNames, pa
     except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for unreadable files
         raise EtlError(f"{files[0]} is not a readable parquet file: {one_line(exc)}") from None
     wanted = _wanted(columns, schema.names, path)
-    ddf = backend.dd.read_parquet([str(f) for f in files], columns=list(wanted), split_row_groups=True)
+    ddf = backend.dd.read_parquet([str(f) for f in files], columns=list(wanted), split_row_groups="infer",
+                                  blocksize=partition_size)
     ddf = ddf.rename(columns=wanted)
     for col in (USER, ITEM):
         if not pd.api.types.is_integer_dtype(ddf[col].dtype):

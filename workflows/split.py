@@ -22,12 +22,23 @@ def write_parquet(ddfs: dict[Path, object]) -> None:
     dask.compute(*[ddf.to_parquet(str(path), write_index=False, compute=False) for path, ddf in ddfs.items()])
 
 
+def parquet_files(path: Path) -> list[Path]:
+    return sorted(Path(path).glob("*.parquet"), key=lambda f: int(f.stem.split(".")[-1]))
+
+
+def count_rows(path: Path) -> int:
+    """Rows of an intermediate result, from the parquet footers alone."""
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in parquet_files(path))
+
+
 def read_parquet(path: Path, backend: Backend, columns: list[str]):
     """An intermediate result, without its empty files: merlin's executor mishandles empty
     partitions (see workflows/graph.py), and a Filter upstream may have left some."""
     import pyarrow.parquet as pq
 
-    files = sorted(Path(path).glob("*.parquet"), key=lambda f: int(f.stem.split(".")[-1]))
+    files = parquet_files(path)
     non_empty = [str(f) for f in files if pq.ParquetFile(f).metadata.num_rows > 0] or [str(f) for f in files[:1]]
     return backend.dd.read_parquet(non_empty, columns=columns)
 
