@@ -80,11 +80,10 @@ def _bundled_backend_dir(bundle: Path) -> Path:
     stub = bundle / "python_backend_stubs" / version / _STUB
     if not stub.is_file():
         raise ServingError(f"the bundled python backend has no stub for Python {version} ({stub})")
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "merlin-ncf"
+    cache = _writable_cache_dir()
     target = cache / f"triton-backends-py{version}-{_fingerprint(bundle)}"
     if (target / PYTHON_BACKEND / _STUB).is_file():
         return target
-    cache.mkdir(parents=True, exist_ok=True)
     # Build aside and rename, so concurrent first runs never see a half-copied backend.
     staging = Path(tempfile.mkdtemp(dir=cache, prefix=".backends-"))
     backend = staging / PYTHON_BACKEND
@@ -97,6 +96,20 @@ def _bundled_backend_dir(bundle: Path) -> Path:
     except OSError:  # another process got there first
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _writable_cache_dir() -> Path:
+    """~/.cache/merlin-ncf (or $XDG_CACHE_HOME's), else a per-user folder in the temp dir."""
+    candidates = [Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "merlin-ncf",
+                  Path(tempfile.gettempdir()) / f"merlin-ncf-{os.getuid()}"]
+    for cache in candidates:
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            if os.access(cache, os.W_OK):
+                return cache
+        except OSError:
+            continue
+    raise ServingError(f"no writable directory for the python backend among {[str(c) for c in candidates]}")
 
 
 def _fingerprint(bundle: Path) -> str:
