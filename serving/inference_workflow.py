@@ -189,7 +189,8 @@ class RequestEncoder:
         return int(self.workflow.vocabulary(self.user_column)[0])
 
     def _encode(self, users: np.ndarray, items: np.ndarray) -> dict[str, np.ndarray]:
-        return self.workflow.transform({self.user_column: users, self.item_column: items})
+        encoded = self.workflow.transform({self.user_column: users, self.item_column: items})
+        return {column: values.astype(np.int64, copy=False) for column, values in encoded.items()}
 
     def encode(self, users: np.ndarray, items: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(encoded users, encoded items, raw items) with one row per scored pair."""
