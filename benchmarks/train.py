@@ -35,13 +35,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, help="existing ETL directory (default: generate synthetic data)")
     p.add_argument("--interactions", type=int, default=20_000_263, help="synthetic interactions (ml-20m: 20,000,263)")
-    p.add_argument("--workdir", type=Path, default=Path("/tmp/merlin-ncf-bench"),
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/merlin-ncf-train-bench"),
                    help="where synthetic data and runs are written (reused when present)")
     p.add_argument("--batch-exponents", type=int, nargs="+", default=list(range(14, 21)),
                    help="batch sizes 2^E (samples per optimizer step) to sweep")
     p.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="process counts to sweep")
     p.add_argument("--steps", type=int, default=20, help="measured batches per sweep point")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CPU")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                   help="mixed precision: bf16 autocast on CPU, fp16 + GradScaler on CUDA")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train")
     p.add_argument("--quality-batch", type=int, default=2**18, help="batch size of the quality run (0: skip it)")
     p.add_argument("--quality-epochs", type=int, default=3, help="epochs of the quality run")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -76,24 +78,30 @@ def worker(args) -> None:
     from models.neumf import NeuMF
     from models.trainer import Trainer, TrainOptions
 
+    from models.train_ncf import choose_device
+
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
-    context = from_environment(torch.device("cpu"))
+    device = choose_device(args.device)
+    context = from_environment(device)
     data = open_etl(args.data)
     torch.manual_seed(0)
     model = NeuMF(data.num_users, data.num_items, **MODEL)
     options = TrainOptions(batch_size=args.batch_size, amp=args.amp, progress=False, max_steps=2)
-    trainer = Trainer(model, data, options, torch.device("cpu"), context)
+    trainer = Trainer(model, data, options, device, context)
     trainer.train_epoch(0, check_input=False)  # warm-up: threads, allocator, first parquet reads
     options.max_steps = args.steps
     _, samples, seconds = trainer.train_epoch(1, check_input=False)
     test = load_candidates(data, "test")
     _, _, eval_rate = trainer.evaluate(test)
-    peak_mb = context.max([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024])[0]
+    if device.type == "cuda":
+        peak_mb = context.max([torch.cuda.max_memory_allocated(device) / 2**20])[0]
+    else:
+        peak_mb = context.max([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024])[0]
     if context.is_main:
         print(json.dumps({"processes": context.world, "batch_size": args.batch_size,
                           "train_samples_per_s": samples / seconds, "eval_samples_per_s": eval_rate,
-                          "peak_rss_mb_per_process": peak_mb}), flush=True)
+                          "peak_mb_per_process": peak_mb}), flush=True)
     context.close()
 
 
@@ -107,7 +115,7 @@ def train_rows(data: Path) -> int:
 
 def sweep_point(args, data: Path, processes: int, batch_size: int) -> dict | None:
     script = [str(Path(__file__).resolve()), "--worker", "--data", str(data), "--batch-size", str(batch_size),
-              "--steps", str(args.steps), "--amp" if args.amp else "--no-amp"]
+              "--steps", str(args.steps), "--amp" if args.amp else "--no-amp", "--device", args.device]
     if processes == 1:
         command = [sys.executable, *script]
     else:
@@ -126,7 +134,8 @@ def quality_run(args, data: Path) -> dict:
     run_dir = args.workdir / f"run-{data.name}-{args.quality_batch}"
     command = [sys.executable, str(REPO / "models" / "train_ncf.py"), "--data", str(data), "--output", str(run_dir),
                "--force", "--factors", "64", "--mlp-layers", "128", "128", "64", "--dropout", "0.1",
-               "--batch-size", str(args.quality_batch), "--epochs", str(args.quality_epochs), "--no-progress"]
+               "--batch-size", str(args.quality_batch), "--epochs", str(args.quality_epochs), "--no-progress",
+               "--device", args.device]
     if args.amp:
         command.append("--amp")
     start = time.perf_counter()
@@ -149,14 +158,14 @@ def main(argv=None) -> int:
           f"model: NeuMF {MODEL}, amp={'bf16' if args.amp else 'off'}; {os.cpu_count()} CPUs; "
           f"load average {os.getloadavg()[0]:.1f} at start")
     print(f"{'procs':>5} {'batch':>9} {'train samples/s':>16} {'eval samples/s':>15} {'epoch s (proj.)':>16} "
-          f"{'peak RSS MB/proc':>17}")
+          f"{'peak MB/proc':>17}")  # CPU: max RSS; CUDA: max allocated
     for processes in args.processes:
         for exponent in args.batch_exponents:
             point = sweep_point(args, data, processes, 2**exponent)
             if point:
                 print(f"{processes:>5} {'2^' + str(exponent):>9} {point['train_samples_per_s']:>16,.0f} "
                       f"{point['eval_samples_per_s']:>15,.0f} {per_epoch / point['train_samples_per_s']:>16,.1f} "
-                      f"{point['peak_rss_mb_per_process']:>17,.0f}", flush=True)
+                      f"{point['peak_mb_per_process']:>17,.0f}", flush=True)
     if args.quality_batch:
         quality = quality_run(args, data)
         for row in quality["log"]:

@@ -215,7 +215,7 @@ def run_train(args, data, device, context) -> int:
     from models.plots import plot_history
     from models.trainer import Trainer, write_jsonl
 
-    resume = prepare_run_dir(args) if context.is_main or args.resume else None
+    resume = prepare_run_dir(args)  # on every rank, before rank 0 creates anything (barrier below)
     torch.manual_seed(args.seed)  # initialisation
     model = build_model(args, data)
     if resume is not None:

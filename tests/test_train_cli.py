@@ -314,3 +314,23 @@ def test_trained_run_on_the_etl_fixture_evaluates_validation_then_test(trained_r
     assert config["model"]["config"]["nb_users"] == spec["feature_spec"]["user_id"]["cardinality"]
     scorer = torch.jit.load(str(trained_run / "model.ts"))
     assert scorer(torch.tensor([3, 4]), torch.tensor([5, 6])).dtype == torch.float32
+
+
+def test_neumf_pretrained_from_gmf_and_mlp_runs(planted, tmp_path):
+    from models import checkpoint as ckpt
+    from models.data import open_etl
+    from models.train_ncf import build_model, main, parse_args
+
+    common = ["--data", str(planted), *SMALL, "--epochs", "1"]
+    for variant in ("gmf", "mlp"):
+        assert main([*common, "--output", str(tmp_path / variant), "--variant", variant]) == 0
+    best = {v: tmp_path / v / "checkpoints" / "best.pt" for v in ("gmf", "mlp")}
+    argv = [*common, "--output", str(tmp_path / "neumf"), "--alpha", "0.7",
+            "--pretrained-gmf", str(best["gmf"]), "--pretrained-mlp", str(best["mlp"])]
+    model = build_model(parse_args(argv), open_etl(planted)).eval()
+    gmf, mlp = (ckpt.model_from(ckpt.load(best[v])).eval() for v in ("gmf", "mlp"))
+    users, items = torch.arange(3, 50), torch.randint(3, 303, (47, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(model(users, items), 0.7 * gmf(users, items) + 0.3 * mlp(users, items))
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "neumf" / "config.json").read_text())["model"]["config"]["variant"] == "neumf"
