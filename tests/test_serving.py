@@ -235,6 +235,18 @@ def test_client_cli_serve_starts_queries_and_stops_a_server(repository, referenc
     assert done.stdout.count("│") >= 3 * 5 and "tritonserver stopped" in done.stderr
 
 
+def test_benchmark_runs_and_reports_no_failed_request(serving_data, repository, tmp_path):
+    etl, _ = serving_data
+    plot = tmp_path / "serving.png"
+    done = subprocess.run([PYTHON, "benchmarks/serving.py", "--data", str(etl), "--repository", str(repository),
+                           "--requests", "16", "--concurrency", "1", "4", "--protocols", "grpc", "--plot", str(plot)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if "│" in line and ("triton" in line or "in-process" in line)]
+    assert len(rows) == 3 * 2 * 2  # (grpc, in-process x2) x (candidates, all items) x (1, 4 clients)
+    assert plot.stat().st_size > 0
+
+
 # --- export -------------------------------------------------------------------------------------------
 
 
