@@ -113,3 +113,30 @@ def test_synthetic_bad_arguments_are_one_line(tmp_path):
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "cannot fit" in result.stderr and not (tmp_path / "x").exists()
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_interrupted_run_leaves_previous_output(raw_dir, etl_dir, tmp_path):
+    """SIGINT in the middle of a run: the old output stays, no temporary directory remains."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "etl"
+    shutil.copytree(etl_dir, out)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    process = subprocess.Popen([sys.executable, str(Path(__file__).parents[1] / "workflows/etl.py"),
+                                "--input", str(raw_dir), "--output", str(out), "--validation", "--device", "cpu"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp_path.glob(".etl.tmp-*/_work")):
+        time.sleep(0.05)  # wait until the run is writing its temporary directory
+    assert list(tmp_path.glob(".etl.tmp-*")), "the run never started writing"
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "interrupted" in stderr.strip().splitlines()[-1] and "Traceback" not in stderr
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["etl"]

@@ -10,6 +10,18 @@ from pathlib import Path
 from typing import Iterator
 
 
+# Temporary directories being built, for abandon_all() on a hard exit.
+_IN_PROGRESS: set[Path] = set()
+
+
+def abandon_all() -> None:
+    """Delete every temporary directory still being built (a hard exit skips the cleanup below)."""
+    for tmp in list(_IN_PROGRESS):
+        for _ in range(3):  # a worker thread may still be writing into it
+            shutil.rmtree(tmp, ignore_errors=True)
+        _IN_PROGRESS.discard(tmp)
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh temporary directory on the target's filesystem; on a clean exit it
@@ -18,11 +30,13 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     target = Path(target).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    _IN_PROGRESS.add(tmp)
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # stays registered: threads may still write to it
         raise
+    _IN_PROGRESS.discard(tmp)
     old = None
     if target.exists():
         # rename(2) cannot replace a non-empty directory: swap the old one aside first.

@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
+import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -30,7 +34,7 @@ quiet_merlin()
 
 import pandas as pd  # noqa: E402
 
-from workflows import graph, negatives, split  # noqa: E402
+from workflows import atomic, graph, negatives, split  # noqa: E402
 from workflows.atomic import atomic_directory  # noqa: E402
 from workflows.cluster import Backend, dask_client, resolve_device  # noqa: E402
 from workflows.errors import EtlError, OneLineArgumentParser, exit_with, one_line  # noqa: E402
@@ -301,8 +305,7 @@ def _feature_spec(out: Path, n_users: int, n_items: int, opts: EtlOptions, datas
         source_spec=source_spec,
         channel_spec={USER_CHANNEL: [USER], ITEM_CHANNEL: [ITEM], LABEL_CHANNEL: [LABEL]},
         metadata={"test_samples_per_series": opts.negatives + 1, "first_index": graph.FIRST_INDEX,
-                  "workflow": "workflow", "item_table": "items.parquet", "dataset": dataset,
-                  "negatives_seed": opts.seed},
+                  "workflow": "workflow", "item_table": "items.parquet", "dataset": dataset},
     )
 
 
@@ -372,15 +375,39 @@ def options_from_args(args: argparse.Namespace) -> EtlOptions:
         partition_size=args.partition_size, train_files=args.train_files, progress=not args.quiet)
 
 
+def _exit_on_interrupt(prog: str, output: Path, grace_seconds: float = 10.0) -> None:
+    """Ctrl-C / SIGTERM: raise KeyboardInterrupt so the temporary output is cleaned up; should
+    Dask's threads swallow or outlive it, delete the temporary output and exit hard after a grace."""
+    def hard_exit():
+        atomic.abandon_all()
+        print(f"{prog}: interrupted; {output} left as it was", file=sys.stderr, flush=True)
+        os._exit(130)
+
+    def on_signal(signum, frame):
+        logging.disable(logging.CRITICAL)  # tasks still running fail noisily once their files go
+        watchdog = threading.Timer(grace_seconds, hard_exit)
+        watchdog.daemon = True
+        watchdog.start()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _exit_on_interrupt(parser.prog, args.output)
     if args.input and args.download:
         parser.error("give either --input or --download, not both")
     try:
         stats = run(options_from_args(args))
     except EtlError as exc:
         exit_with(exc, parser.prog)
+    except KeyboardInterrupt:
+        atomic.abandon_all()
+        print(f"{parser.prog}: interrupted; {args.output} left as it was", file=sys.stderr, flush=True)
+        os._exit(130)  # without waiting for Dask's threads to finish their partitions
     if not args.quiet:
         print(f"wrote {args.output}: {stats['users']:,} users, {stats['items']:,} items, "
               f"{stats['interactions']:,} interactions, {stats['test_users']:,} test users "
