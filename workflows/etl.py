@@ -355,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="gpu: cuDF + dask-cuda; cpu: pandas + dask.distributed; auto: gpu when present")
     run_.add_argument("--workers", type=int, default=0,
                       help="local Dask cluster workers (GPU: one per GPU); 0 runs in this process")
-    run_.add_argument("--scheduler-address", help="run on an existing Dask cluster (e.g. tcp://10.0.0.1:8786)")
+    run_.add_argument("--scheduler-address", help="run on an existing Dask cluster (e.g. tcp://10.0.0.1:8786); its workers must see "
+                           "the --output directory's filesystem")
     run_.add_argument("--partition-size", default="32MB",
                       help="bytes of input per partition: bounds memory for out-of-core data; smaller partitions "
                            "also make NVTabular's dtype sampling at each fit cheaper")
