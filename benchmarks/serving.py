@@ -227,6 +227,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", required=True, type=Path, help="ETL output directory")
     parser.add_argument("--run", type=Path, help="training run directory (holds model.ts), exported to a temporary repository")
     parser.add_argument("--repository", type=Path, help="an existing export of --data to serve instead of --run")
+    parser.add_argument("--http-url", help="with --repository: benchmark this running server's HTTP endpoint instead of starting one")
+    parser.add_argument("--grpc-url", help="with --repository: benchmark this running server's gRPC endpoint instead of starting one")
     parser.add_argument("--requests", type=int, default=1000, help="requests per (target, workload, concurrency) (default 1000)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], help="concurrent clients (default 1 8 32)")
     parser.add_argument("--protocols", nargs="+", choices=("http", "grpc"), default=["http", "grpc"], help="protocols (default both)")
@@ -247,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if (args.run is None) == (args.repository is None):
         raise ServingError("pass either --run (exported here) or --repository (an existing export)")
+    if (args.http_url or args.grpc_url) and args.repository is None:
+        raise ServingError("--http-url/--grpc-url need the --repository that server serves")
     try:
         spec = FeatureSpec.load(args.data)
         candidates = candidate_lists(spec, args.requests, args.seed)
@@ -267,10 +271,15 @@ def main(argv: list[str] | None = None) -> int:
             repository = Path(scratch) / "repo"
             export(args.data, args.run, repository, flavour="python", top_k=args.top_k, instances=args.instances,
                    log=lambda *_: None)
-        with TritonServer(repository) as server:
-            for protocol in args.protocols:
-                url = server.http_url if protocol == "http" else server.grpc_url
-                measure(f"triton {protocol}", served(url, protocol, args.top_k))
+        if args.http_url or args.grpc_url:  # a server already serving this repository
+            for protocol, url in (("http", args.http_url), ("grpc", args.grpc_url)):
+                if url and protocol in args.protocols:
+                    measure(f"triton {protocol}", served(url, protocol, args.top_k))
+        else:
+            with TritonServer(repository) as server:
+                for protocol in args.protocols:
+                    url = server.http_url if protocol == "http" else server.grpc_url
+                    measure(f"triton {protocol}", served(url, protocol, args.top_k))
         measure("in-process, compiled ops", in_process(repository, compiled=True, top_k=args.top_k))
         measure("in-process, Workflow pandas", in_process(repository, compiled=False, top_k=args.top_k))
     print_table(results)

@@ -24,7 +24,7 @@ if __package__ in (None, ""):  # run as `python serving/serve.py`
 from serving.errors import ServingError, run_cli
 from serving.server_runtime import TritonInstallation, find_tritonserver, free_port, server_environment
 
-STOP_GRACE_S = 15.0
+STOP_GRACE_S = 45.0
 _LOG_TAIL_LINES = 400
 _ERROR_REPORT_LINES = 12
 _HARMLESS_ON_CPU = ("CudaDriverHelper", "NVML", "DCGM", "unable to create stream", "CUDA driver version")
@@ -80,7 +80,7 @@ class TritonServer:
             f"--http-port={self.http_port}",
             f"--grpc-port={self.grpc_port}",
             f"--metrics-port={self.metrics_port}",
-            "--exit-timeout-secs=5",
+            "--exit-timeout-secs=30",  # python stubs unload slowly on a busy CPU
             *self.extra_args,
         ]
 
