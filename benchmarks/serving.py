@@ -208,8 +208,10 @@ def plot(results: list[Measurement], path: Path) -> None:
         clients = [r.concurrency for r in rows]
         axes[0].plot(clients, [r.percentile(99) for r in rows], marker="o", label=f"{target}, {workload}")
         axes[1].plot(clients, [r.requests_per_s for r in rows], marker="o", label=f"{target}, {workload}")
+    concurrency = sorted({r.concurrency for r in results})
     for axis, label in zip(axes, ("p99 latency (ms)", "requests/s")):
         axis.set_xscale("log", base=2)
+        axis.set_xticks(concurrency, [str(c) for c in concurrency])
         axis.set_yscale("log")
         axis.set_xlabel("concurrent clients")
         axis.set_ylabel(label)
