@@ -6,6 +6,9 @@ samples the resident memory of that process and all its children, and prints a t
 
     python benchmarks/etl.py                      # 1M, 5M, 20M interactions
     python benchmarks/etl.py --sizes 1M 5M --workers 2 --plot etl-benchmark.png
+
+The "load avg" column is the machine's 1-minute load average during the run: on a shared
+machine other jobs inflate the times, so compare rows with similar load.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -48,10 +52,12 @@ def shape(rows: int) -> tuple[int, int]:
 
 
 class PeakMemory:
-    """Peak resident set size of a process tree, sampled in a background thread."""
+    """Peak resident set size of a process tree, and the machine's load average meanwhile
+    (other jobs on a shared machine inflate the times), sampled in a background thread."""
 
     def __init__(self, pid: int, interval: float = 0.1):
         self.root, self.interval, self.peak = psutil.Process(pid), interval, 0
+        self.loads: list[float] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -67,6 +73,7 @@ class PeakMemory:
                     except psutil.NoSuchProcess:
                         pass
                 self.peak = max(self.peak, total)
+                self.loads.append(os.getloadavg()[0])
             except psutil.NoSuchProcess:
                 return
             self._stop.wait(self.interval)
@@ -97,20 +104,21 @@ def run_etl(raw: Path, output: Path, extra: list[str]) -> dict:
     _, stderr = process.communicate()
     wall = time.perf_counter() - start
     peak = memory.stop()
+    load = sum(memory.loads) / max(1, len(memory.loads))
     if process.returncode != 0:
         raise SystemExit(f"etl failed on {raw}: {stderr.strip().splitlines()[-1] if stderr.strip() else process.returncode}")
     stats = json.loads((output / "stats.json").read_text())
     return {"rows": stats["interactions"], "users": stats["users"], "items": stats["items"],
-            "seconds": stats["seconds"], "wall": wall, "peak_rss": peak}
+            "seconds": stats["seconds"], "wall": wall, "peak_rss": peak, "load": load}
 
 
 def table(results: list[dict]) -> str:
-    header = ["rows", *PHASES, "etl total", "process wall", "rows/s", "peak RSS"]
+    header = ["rows", *PHASES, "etl total", "process wall", "rows/s", "peak RSS", "load avg"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
     for r in results:
         cells = [f"{r['rows']:,}", *(f"{r['seconds'].get(p, 0):.1f} s" for p in PHASES),
                  f"{r['seconds']['total']:.1f} s", f"{r['wall']:.1f} s", f"{r['rows'] / r['wall']:,.0f}",
-                 f"{r['peak_rss'] / 2**30:.2f} GiB"]
+                 f"{r['peak_rss'] / 2**30:.2f} GiB", f"{r['load']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -146,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
     parser.add_argument("--device", default="cpu", help="passed to etl.py --device")
     parser.add_argument("--workers", type=int, default=0, help="passed to etl.py --workers (0 = in-process)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs per size; the fastest is reported (the others only absorb noise)")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     parser.add_argument("--plot", type=Path, help="also plot time per phase and peak memory to this PNG")
     args = parser.parse_args(argv)
@@ -155,8 +165,11 @@ def main(argv: list[str] | None = None) -> int:
         raw = ensure_data(rows, args.data_dir, args.seed)
         output = args.data_dir / f"etl-{rows}"
         print(f"ETL on {rows:,} interactions ...", flush=True)
-        results.append(run_etl(raw, output, ["--device", args.device, "--workers", str(args.workers)]))
-        shutil.rmtree(output, ignore_errors=True)
+        runs = []
+        for _ in range(max(1, args.repeat)):
+            runs.append(run_etl(raw, output, ["--device", args.device, "--workers", str(args.workers)]))
+            shutil.rmtree(output, ignore_errors=True)
+        results.append(min(runs, key=lambda r: r["wall"]))
     print(f"\nETL benchmark ({args.device}, workers={args.workers}, {psutil.cpu_count()} CPUs, "
           f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM)\n")
     print(table(results))
