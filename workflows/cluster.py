@@ -98,7 +98,7 @@ def dask_client(device: str, workers: int = 0, scheduler_address: str | None = N
     if device == "gpu":
         from dask_cuda import LocalCUDACluster
 
-        cluster = LocalCUDACluster(n_workers=workers, ip="127.0.0.1", dashboard_address=None,
+        cluster = LocalCUDACluster(n_workers=workers, host="127.0.0.1", dashboard_address=None,
                                    silence_logs=logging.ERROR)
     else:
         from distributed import LocalCluster
