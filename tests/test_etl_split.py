@@ -181,3 +181,18 @@ def test_freq_threshold_sends_rare_ids_to_the_oov_index(tmp_path):
     assert 2 not in set(test["user_id"]), "the OOV pseudo-user is never evaluated"
     assert (test.loc[test["label"] == 0, "item_id"] >= 3).all()
     assert 2 not in set(pd.read_parquet(out / "items.parquet")["item_id"])
+
+
+def test_validation_needs_three_interactions(tmp_path):
+    """Fixture: users 1-3 have 3+ interactions, user 4 two, user 5 one."""
+    out = tmp_path / "etl"
+    run_command("workflows/etl.py", "--input", str(FIXTURES / "ml-1m"), "--output", str(out), "--validation",
+                "--negatives", "1", "--device", "cpu", "--quiet")
+    spec = FeatureSpec.load(out)
+    stats = json.loads((out / "stats.json").read_text())
+    assert (stats["test_users"], stats["validation_users"]) == (4, 3)
+    log = encoded_log(FIXTURES / "ml-1m", out)
+    two = log.groupby("user").filter(lambda g: len(g) == 2)["user"].iloc[0]
+    assert two in set(positives(read_parts(spec.files("test"))).index)
+    assert two not in set(positives(read_parts(spec.files("validation"))).index)
+    assert len(read_parts(spec.files("train"))) == len(log) - 7
