@@ -2,14 +2,14 @@
 peak memory for batch sizes 2^14..2^20 and 1 vs 2 processes, then a quality run (HR@10).
 
     python benchmarks/train.py                       # ml-20m-sized synthetic data (slow ETL once)
-    python benchmarks/train.py --interactions 2000000 --steps 10
+    python benchmarks/train.py --interactions 2000000 --samples 1000000
     python benchmarks/train.py --data ETL_DIR        # an existing ETL directory
 
 The model is RecBole's NeuMF configuration, the CPU reference (embedding 64, MLP [128, 64],
 dropout 0.1, 4 negatives): --factors 64 --mlp-layers 128 128 64 in train_ncf.py's notation.
-Each sweep point trains --steps batches after a 2-batch warm-up in a fresh process (under
-torchrun for 2 processes); epoch time is measured only in the quality run and projected
-(samples per epoch / samples/s) for the sweep.
+Each sweep point trains --samples samples (>= 3 batches) after a 2-batch warm-up, in a fresh
+process (under torchrun for 2 processes); epoch time is measured in the quality run and
+projected (samples per epoch / samples/s) for the sweep.
 """
 
 from __future__ import annotations
@@ -40,14 +40,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-exponents", type=int, nargs="+", default=list(range(14, 21)),
                    help="batch sizes 2^E (samples per optimizer step) to sweep")
     p.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="process counts to sweep")
-    p.add_argument("--steps", type=int, default=20, help="measured batches per sweep point")
+    p.add_argument("--samples", type=int, default=2**22,
+                   help="samples measured per sweep point (at least 3 batches)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                    help="mixed precision: bf16 autocast on CPU, fp16 + GradScaler on CUDA")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train")
     p.add_argument("--quality-batch", type=int, default=2**18, help="batch size of the quality run (0: skip it)")
-    p.add_argument("--quality-epochs", type=int, default=3, help="epochs of the quality run")
+    p.add_argument("--quality-epochs", type=int, default=2, help="epochs of the quality run")
+    p.add_argument("--quality-processes", type=int, default=2, help="processes of the quality run (torchrun)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--batch-size", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -115,7 +118,7 @@ def train_rows(data: Path) -> int:
 
 def sweep_point(args, data: Path, processes: int, batch_size: int) -> dict | None:
     script = [str(Path(__file__).resolve()), "--worker", "--data", str(data), "--batch-size", str(batch_size),
-              "--steps", str(args.steps), "--amp" if args.amp else "--no-amp", "--device", args.device]
+              "--steps", str(max(3, args.samples // batch_size)), "--amp" if args.amp else "--no-amp", "--device", args.device]
     if processes == 1:
         command = [sys.executable, *script]
     else:
@@ -132,7 +135,11 @@ def sweep_point(args, data: Path, processes: int, batch_size: int) -> dict | Non
 def quality_run(args, data: Path) -> dict:
     """The product itself: models/train_ncf.py, full epochs, RecBole's configuration."""
     run_dir = args.workdir / f"run-{data.name}-{args.quality_batch}"
-    command = [sys.executable, str(REPO / "models" / "train_ncf.py"), "--data", str(data), "--output", str(run_dir),
+    launcher = [sys.executable]
+    if args.quality_processes > 1:
+        launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(args.quality_processes),
+                     "--master_addr", "127.0.0.1", "--master_port", "29399"]
+    command = [*launcher, str(REPO / "models" / "train_ncf.py"), "--data", str(data), "--output", str(run_dir),
                "--force", "--factors", "64", "--mlp-layers", "128", "128", "64", "--dropout", "0.1",
                "--batch-size", str(args.quality_batch), "--epochs", str(args.quality_epochs), "--no-progress",
                "--device", args.device]
@@ -174,7 +181,7 @@ def main(argv=None) -> int:
                   f"samples/s, epoch {row['epoch_time_s']:.1f} s")
         metrics = quality["config"]["metrics"]
         print(f"quality run: final HR@10 {metrics['hr@10']:.4f}, NDCG@10 {metrics['ndcg@10']:.4f} "
-              f"({quality['wall_s']:.0f} s wall, batch {args.quality_batch})")
+              f"({quality['wall_s']:.0f} s wall, batch {args.quality_batch}, {args.quality_processes} processes)")
     print(f"load average {os.getloadavg()[0]:.1f} at the end (the CPU is shared: figures are lower bounds)")
     return 0
 

@@ -334,3 +334,39 @@ def test_neumf_pretrained_from_gmf_and_mlp_runs(planted, tmp_path):
         torch.testing.assert_close(model(users, items), 0.7 * gmf(users, items) + 0.3 * mlp(users, items))
     assert main(argv) == 0
     assert json.loads((tmp_path / "neumf" / "config.json").read_text())["model"]["config"]["variant"] == "neumf"
+
+
+def test_gradient_accumulation_keeps_the_optimizer_batch(planted):
+    from models.data import open_etl
+    from models.neumf import NeuMF
+    from models.trainer import Trainer, TrainOptions
+
+    data = open_etl(planted)
+    results = {}
+    for accumulation in (1, 3):
+        torch.manual_seed(0)
+        model = NeuMF(data.num_users, data.num_items, mf_dim=8, mlp_layers=[16, 16, 8], dropout=0.0)
+        options = TrainOptions(batch_size=3000, grad_accumulation=accumulation, lr=0.01, progress=False)
+        trainer = Trainer(model, data, options, torch.device("cpu"))
+        loss, samples, _ = trainer.train_epoch(0, check_input=False)
+        results[accumulation] = (loss, samples, trainer.steps_taken)
+    assert results[1][1] == results[3][1] == 30000  # every sample seen once
+    assert results[1][2] == results[3][2] == 10  # 6000 positives / 600 per optimizer step
+    assert results[3][0] == pytest.approx(results[1][0], rel=0.02)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_fp16_amp_training(planted, tmp_path):
+    out = tmp_path / "run"
+    result = run([*TRAIN, "--data", planted, "--output", out, "--epochs", EPOCHS, *SMALL, "--device", "cuda", "--amp"])
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "config.json").read_text())["metrics"]["hr@10"] >= 0.5
+
+
+def test_cuda_requested_without_a_gpu_is_refused(planted, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = run([*TRAIN, "--data", planted, "--output", tmp_path / "run", "--device", "cuda", "--amp"])
+    assert_user_error(result, "no CUDA GPU")
+    assert not (tmp_path / "run").exists()
