@@ -145,11 +145,11 @@ class Generator:
 
     def _draw_items(self, users: np.ndarray, need: np.ndarray):
         """Distinct items per user, drawn with probability ∝ popularity x sigmoid(affinity)."""
-        heavy = need * 4 > self.spec.items  # rejection would stall on the long tail: sample exactly
+        heavy = need * 8 > self.spec.items  # rejection would stall on the long tail: sample exactly
         parts = [self._draw_by_rejection(users[~heavy], need[~heavy]), self._draw_exactly(users[heavy], need[heavy])]
         pair_users = np.concatenate([p[0] for p in parts])
         pair_items = np.concatenate([p[1] for p in parts])
-        order = np.lexsort((self.rng.random(pair_users.size), pair_users))  # random order in time
+        order = np.argsort(pair_users + self.rng.random(pair_users.size))  # by user, random in time
         pair_users, pair_items = pair_users[order], pair_items[order]
         affinity = np.einsum("ij,ij->i", self.user_factors[pair_users], self.item_factors[pair_items])
         return pair_users, pair_items, affinity
@@ -164,11 +164,11 @@ class Generator:
         have_users = np.empty(0, np.int64)
         have_items = np.empty(0, np.int64)
         missing = need.copy()
-        for _ in range(100):
+        for attempt in range(100):
             short = missing > 0
             if not short.any():
                 break
-            proposals = np.repeat(users[short], 3 * missing[short] + 8)
+            proposals = np.repeat(users[short], (3 << min(attempt, 6)) * missing[short] + 8)
             items = np.minimum(np.searchsorted(self.popularity_cdf, rng.random(proposals.size)), spec.items - 1)
             keep = np.log(rng.random(proposals.size)) < self._log_acceptance(proposals, items)
             have_users = np.concatenate([have_users, proposals[keep]])
@@ -202,7 +202,7 @@ class Generator:
         keys = users_ * self.spec.items + items_
         _, first = np.unique(keys, return_index=True)
         users_, items_ = users_[first], items_[first]
-        order = np.lexsort((self.rng.random(users_.size), users_))
+        order = np.argsort(users_ + self.rng.random(users_.size))  # by user, random within user
         users_, items_ = users_[order], items_[order]
         group_start = np.searchsorted(users_, users_, side="left")
         rank = np.arange(users_.size) - group_start
