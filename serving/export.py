@@ -48,14 +48,11 @@ class ExportInputs:
     torchscript: Path
     workflow: object  # nvtabular.Workflow
     model: object  # torch.jit.ScriptModule
+    user: str = ""  # the user and item feature names (feature_spec.yaml's channels)
+    item: str = ""
 
-    @property
-    def user(self) -> str:
-        return self.spec.user_feature
-
-    @property
-    def item(self) -> str:
-        return self.spec.item_feature
+    def __post_init__(self):
+        self.user, self.item = self.spec.user_feature, self.spec.item_feature
 
 
 def locate_inputs(data: Path, run: Path) -> ExportInputs:
