@@ -326,7 +326,7 @@ def check_scoring(repo: Path, inputs: ExportInputs) -> None:
 
 def export(data: Path, run: Path, output: Path, flavour: str = "auto", top_k: int = 10,
            unknown_ids: str = "error", instances: int = 1, exclude_seen: bool = True, overwrite: bool = False,
-           log=print) -> str:
+           verify: bool = False, log=print) -> str:
     """Write the repository to `output` atomically; returns the model step's flavour."""
     if top_k < 0:
         raise ServingError(f"--top-k must be >= 0, got {top_k}")
@@ -352,7 +352,32 @@ def export(data: Path, run: Path, output: Path, flavour: str = "auto", top_k: in
         log("checking every config.pbtxt and the ensemble wiring; scoring every item once")
         validate_repository(staging)
         check_scoring(staging, inputs)
+        if verify:
+            log("loading the repository in tritonserver and asking each ensemble once")
+            verify_with_server(staging, inputs, flavour, bool(top_k))
     return flavour
+
+
+def verify_with_server(repo: Path, inputs: ExportInputs, flavour: str, recommend: bool) -> None:
+    """Serve the repository with the tritonserver found here and send one request per ensemble."""
+    from serving.client import RecommenderClient
+    from serving.serve import TritonServer
+    from serving.server_runtime import LIBTORCH_BACKEND, find_tritonserver
+
+    installation = find_tritonserver()
+    if flavour == "libtorch" and not installation.supports(LIBTORCH_BACKEND):
+        raise ServingError(f"--verify: the tritonserver found here ({installation.binary}) has no pytorch backend "
+                           "for the libtorch flavour (verify it where it will run, or export --flavour python)")
+    encoder = load_request_encoder(repo)
+    user, items = int(encoder.workflow.vocabulary(inputs.user)[0]), encoder.all_items[:3]
+    try:
+        with TritonServer(repo, installation=installation) as server, RecommenderClient(server.http_url) as client:
+            if client.scores([user], items).shape != (len(items),):
+                raise ServingError("--verify: the 'scores' ensemble answered with the wrong shape")
+            if recommend and len(client.recommend(user, top_k=1).item_ids) != 1:
+                raise ServingError("--verify: the 'recommend' ensemble answered with the wrong shape")
+    except ServingError as exc:
+        raise ServingError(f"tritonserver rejected the repository: {str(exc).splitlines()[0]}") from None
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -376,6 +401,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--exclude-seen", action=argparse.BooleanOptionalAction, default=True,
                         help="when ranking every item, leave out the user's items in the ETL output (training "
                         "pairs and held-out positives); default on")
+    parser.add_argument("--verify", action="store_true",
+                        help="also load the repository in the tritonserver found here and ask each ensemble once "
+                        "before writing --output (~20 s)")
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     return parser.parse_args(argv)
 
@@ -384,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     quiet_merlin()
     flavour = export(args.data, args.run, args.output, args.flavour, args.top_k, args.unknown_ids,
-                     args.instances, args.exclude_seen, args.overwrite)
+                     args.instances, args.exclude_seen, args.overwrite, args.verify)
     print(f"wrote {args.output} (model step: {flavour}); serve it with: python serving/serve.py --repository {args.output}")
     return 0
 

@@ -55,7 +55,7 @@ def serving_data(etl_dir, trained_run) -> tuple[Path, Path]:
 def repository(serving_data, tmp_path_factory) -> Path:
     etl, run = serving_data
     path = tmp_path_factory.mktemp("serving-repo") / "repo"
-    assert export(etl, run, path, flavour="python", top_k=10, log=lambda *_: None) == "python"
+    assert export(etl, run, path, flavour="python", top_k=10, verify=True, log=lambda *_: None) == "python"
     return path
 
 
@@ -305,6 +305,7 @@ def test_export_cli_rejects_bad_input_with_one_line_and_writes_nothing(serving_d
         (["--data", str(etl), "--run", str(garbage)], "not a loadable TorchScript module"),
         (["--data", str(broken_etl), "--run", str(run)], "cannot load the NVTabular workflow"),
         (["--data", str(etl), "--run", str(run), "--top-k", "-1"], "--top-k must be >= 0"),
+        (["--data", str(etl), "--run", str(run), "--flavour", "libtorch", "--verify"], "has no pytorch backend"),
     ]
     output = tmp_path / "repo"
     for args, message in cases:
