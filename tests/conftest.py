@@ -57,7 +57,7 @@ def etl_dir(raw_dir) -> Path:
 
 # A small NeuMF and few epochs: a few seconds on 2 cores, yet well above random ranking.
 TRAIN_ARGS = ("--factors", "16", "--mlp-layers", "32", "32", "16", "--dropout", "0.1", "--batch-size", "2000",
-              "--lr", "0.01", "--epochs", "3", "--seed", "0", "--no-progress")
+              "--lr", "0.01", "--epochs", "8", "--seed", "0", "--no-progress")
 
 
 @pytest.fixture(scope="session")
