@@ -3,10 +3,8 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -15,22 +13,15 @@ import torch
 
 from models.errors import TrainingError
 from models.registry import build_model
+from workflows.atomic import atomic_file
 
 FORMAT = "merlin-ncf-checkpoint/1"
 
 
 def save_atomic(obj, path: Path) -> None:
     """torch.save to a temporary file beside `path`, then rename over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         torch.save(obj, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def rng_state() -> dict:

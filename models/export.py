@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from workflows.atomic import atomic_file
 
 
 class Scorer(nn.Module):
@@ -38,19 +38,11 @@ def torchscript(model: nn.Module) -> torch.jit.ScriptModule:
 
 def save_torchscript(model: nn.Module, path: Path) -> torch.jit.ScriptModule:
     scripted = torchscript(model)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.jit.save(scripted, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from a server running as another user
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        torch.jit.save(scripted, str(tmp))
     return scripted
 
 
 def save_json(obj: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")

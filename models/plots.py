@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from workflows.atomic import atomic_file
 
 
 def plot_history(history: list[dict], path: Path) -> None:
@@ -25,7 +26,6 @@ def plot_history(history: list[dict], path: Path) -> None:
     for ax in (loss_ax, hr_ax):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)

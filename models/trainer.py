@@ -27,6 +27,7 @@ from models.distributed import Context
 from models.metrics import hit_and_ndcg_sums
 from models.registry import model_name
 from models.sampler import NegativeSampler, epoch_generator
+from workflows.atomic import atomic_file
 
 
 @dataclass
@@ -247,6 +248,5 @@ class Trainer:
 def write_jsonl(history: list[dict], path: Path) -> None:
     """Rewrite the whole log atomically (it is small), so a resumed run's log has no
     epochs from beyond its checkpoint."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in history))

@@ -23,6 +23,7 @@ if __package__ in (None, ""):  # run as `python serving/serve.py`
 
 from serving.errors import ServingError, run_cli
 from serving.server_runtime import TritonInstallation, find_tritonserver, free_port, server_environment
+from workflows.atomic import atomic_file
 
 STOP_GRACE_S = 45.0
 _LOG_TAIL_LINES = 400
@@ -249,9 +250,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
 
 
 if __name__ == "__main__":

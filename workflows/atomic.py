@@ -1,4 +1,4 @@
-"""Build an output directory beside its target and move it into place only on success."""
+"""Build an output (a directory or a file) beside its target and move it into place only on success."""
 
 from __future__ import annotations
 
@@ -45,3 +45,21 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     os.replace(tmp, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `target` (same suffix, so writers that infer the format
+    from it work); on a clean exit it replaces `target`, on any exception it is deleted."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from a server running as another user
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -8,11 +8,12 @@ an ETL output directory is self-describing and relocatable (all paths are relati
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from workflows.atomic import atomic_file
 
 FILENAME = "feature_spec.yaml"
 
@@ -73,12 +74,9 @@ class FeatureSpec:
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write feature_spec.yaml into `directory` atomically."""
-        directory = Path(directory)
-        target = directory / FILENAME
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".feature_spec.", suffix=".yaml")
-        with os.fdopen(fd, "w") as fh:
-            yaml.safe_dump(self.to_dict(), fh, sort_keys=False)
-        os.replace(tmp, target)
+        target = Path(directory) / FILENAME
+        with atomic_file(target) as tmp:
+            tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
         return target
 
     def validate(self) -> None:
