@@ -4,7 +4,6 @@ kill, 2-process Gloo DDP, bf16 AMP, --mode test, the hub entry and bad input."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,8 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+
+from serving.server_runtime import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = [sys.executable, str(REPO / "models" / "train_ncf.py")]
@@ -144,12 +145,6 @@ def test_resume_after_a_kill_matches_the_uninterrupted_run(reference_run, plante
     expected = torch.load(reference / "checkpoints" / "last.pt", weights_only=True)["model"]["state"]
     for name in expected:
         torch.testing.assert_close(weights[name], expected[name], rtol=0, atol=1e-6)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_two_process_gloo_ddp_matches_a_single_process(reference_run, planted, tmp_path):
