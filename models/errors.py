@@ -4,5 +4,8 @@ Commands print its message as one line and exit with workflows.errors.EXIT_USER_
 """
 
 
-class TrainingError(Exception):
+from workflows.errors import UserError
+
+
+class TrainingError(UserError):
     """An expected failure caused by the input, the options or the environment."""

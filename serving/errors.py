@@ -6,10 +6,10 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from workflows.errors import EXIT_USER_ERROR
+from workflows.errors import EXIT_USER_ERROR, UserError
 
 
-class ServingError(RuntimeError):
+class ServingError(UserError):
     """A user-facing failure: bad input, missing files, an unreachable or failing server."""
 
 

@@ -11,8 +11,13 @@ import sys
 EXIT_USER_ERROR = 2
 
 
-class EtlError(Exception):
-    """An expected failure caused by the input or the environment, not by a bug."""
+class UserError(Exception):
+    """An expected failure caused by the input, the options or the environment, not by a bug.
+    Every stage's error type derives from it, so shared helpers can raise it."""
+
+
+class EtlError(UserError):
+    """An expected ETL failure."""
 
 
 def one_line(exc: BaseException) -> str:
@@ -23,7 +28,7 @@ def one_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def exit_with(exc: EtlError, prog: str) -> None:
+def exit_with(exc: UserError, prog: str) -> None:
     print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
     sys.exit(EXIT_USER_ERROR)
 
