@@ -144,3 +144,17 @@ class FeatureSpec:
         if key not in self.metadata:
             raise FeatureSpecError(f"{FILENAME} metadata has no {key!r}")
         return self.base_dir / self.metadata[key]
+
+    def fingerprint(self) -> str:
+        """sha256 over feature_spec.yaml and every data file it lists (names and bytes): a
+        run records it, so export can tell whether a model was trained on this very ETL output."""
+        import hashlib
+
+        digest = hashlib.sha256((self.base_dir / FILENAME).read_bytes())
+        for mapping in sorted(self.source_spec):
+            for path in self.files(mapping):
+                digest.update(str(path.relative_to(self.base_dir)).encode() + b"\0")
+                with open(path, "rb") as fh:
+                    for block in iter(lambda: fh.read(1 << 20), b""):
+                        digest.update(block)
+        return digest.hexdigest()
