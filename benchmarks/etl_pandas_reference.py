@@ -1,0 +1,90 @@
+"""The peer our ETL is measured against: the same job in plain pandas, as a short script.
+
+It does what NVIDIA DeepLearningExamples' NCF preprocessing does, with this project's split
+rule: read the ratings CSV, drop users with fewer than --min-user-interactions, factorize
+users and items, sort by (user, time) stably, hold out each user's last interaction, draw
+--negatives distinct test negatives per user outside the user's items, and write parquet.
+Phase times and peak memory are printed as one JSON line (benchmarks/etl.py reads it).
+
+    python benchmarks/etl_pandas_reference.py --input ratings.csv --output /tmp/ref
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+def run(ratings: Path, output: Path, min_user_interactions: int, negatives: int, seed: int) -> dict:
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[name] = round(now - clock, 3)
+        clock = now
+
+    log = pd.read_csv(ratings, usecols=[0, 1, 3], header=0, names=["user", "item", "time"],
+                      dtype={"user": np.int64, "item": np.int64, "time": np.int64})
+    lap("read")
+    counts = log["user"].map(log["user"].value_counts())
+    log = log[counts.to_numpy() >= min_user_interactions]
+    lap("filter")
+    log["user"] = pd.factorize(log["user"])[0]
+    log["item"], items = pd.factorize(log["item"])
+    lap("encode")
+    log = log.sort_values(["user", "time"], kind="stable")  # ties keep input order
+    last = ~log["user"].duplicated(keep="last").to_numpy() & log["user"].map(log["user"].value_counts()).ge(2).to_numpy()
+    test, train = log[last], log[~last]
+    lap("split")
+    n_items = len(items)
+    users = test["user"].to_numpy()
+    seen = np.unique(log["user"].to_numpy() * n_items + log["item"].to_numpy())
+    rng = np.random.default_rng(seed)
+    sampled = np.empty((len(users), negatives), dtype=np.int64)
+    todo = np.arange(len(users))
+    filled = np.zeros(len(users), dtype=np.int64)
+    # Rejection sampling, vectorised: draw for every unfinished user, keep unseen distinct ones.
+    while len(todo):
+        draw = rng.integers(0, n_items, size=(len(todo), negatives * 2))
+        keys = users[todo, None] * n_items + draw
+        ok = ~np.isin(keys, seen)
+        for row, user_row in enumerate(todo):
+            fresh = pd.unique(draw[row][ok[row]])
+            fresh = fresh[~np.isin(fresh, sampled[user_row, :filled[user_row]])]
+            take = fresh[:negatives - filled[user_row]]
+            sampled[user_row, filled[user_row]:filled[user_row] + len(take)] = take
+            filled[user_row] += len(take)
+        todo = todo[filled[todo] < negatives]
+    lap("negatives")
+    output.mkdir(parents=True, exist_ok=True)
+    train[["user", "item"]].to_parquet(output / "train.parquet", index=False)
+    candidates = np.concatenate([test["item"].to_numpy()[:, None], sampled], axis=1)
+    pd.DataFrame({"user": np.repeat(users, negatives + 1), "item": candidates.reshape(-1),
+                  "label": np.tile(np.r_[1.0, np.zeros(negatives)], len(users)).astype(np.float32)}
+                 ).to_parquet(output / "test.parquet", index=False)
+    lap("write")
+    return {"seconds": dict(seconds, total=round(sum(seconds.values()), 3)), "rows": int(len(log)),
+            "test_users": int(len(users)), "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input", type=Path, required=True, help="ratings CSV: user, item, rating, timestamp with a header")
+    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--min-user-interactions", type=int, default=1)
+    parser.add_argument("--negatives", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    print(json.dumps(run(args.input, args.output, args.min_user_interactions, args.negatives, args.seed)))
+
+
+if __name__ == "__main__":
+    main()
