@@ -123,8 +123,14 @@ def test_torch_file_that_is_not_a_tensor_is_one_line(examples, tmp_path):
         check(spec_dir)
 
 
-def test_project_etl_output_follows_the_format(etl_dir):
-    """The other direction: what workflows/etl.py writes is a valid spec directory."""
+def test_project_etl_output_follows_the_format(etl_dir, tmp_path, monkeypatch):
+    """The other direction: what workflows/etl.py writes is a valid spec directory (and is
+    recognised as ours, so it is never transcoded)."""
+    from workflows.datasets import CACHE_ENV
+    from workflows.transcode import etl_directory
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    assert etl_directory(etl_dir) == etl_dir and not (tmp_path / "cache").exists()
     result = run_command("workflows/check_spec.py", str(etl_dir), timeout=120)
     assert "follows the Dataset Feature Specification rules" in result.stdout
     summary = check(etl_dir)

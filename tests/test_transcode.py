@@ -149,3 +149,19 @@ def test_transcoded_torch_spec_trains_and_exports(tmp_path):
     run_command("serving/export.py", "--data", str(etl), "--run", str(run), "--output", str(repo), timeout=300)
     assert (repo / "workflow").is_dir() and (repo / "model").is_dir()
     shutil.rmtree(repo)
+
+
+def test_foreign_spec_is_transcoded_once_into_the_cache_and_never_written_to(spec_dir, transcoded, tmp_path,
+                                                                           monkeypatch):
+    """What open_etl would call: a foreign spec directory gives its cached transcoded copy."""
+    from workflows.datasets import CACHE_ENV
+    from workflows.transcode import etl_directory
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    before = {p.name: p.stat().st_mtime_ns for p in spec_dir.iterdir()}
+    first = etl_directory(spec_dir)
+    assert first.parent == tmp_path / "cache" / "transcoded" and (first / MARKER).is_file()
+    stamp = (first / "stats.json").stat().st_mtime_ns
+    assert etl_directory(spec_dir) == first and (first / "stats.json").stat().st_mtime_ns == stamp
+    assert {p.name: p.stat().st_mtime_ns for p in spec_dir.iterdir()} == before
+    assert etl_directory(transcoded) == transcoded  # this project's output is used where it is

@@ -94,6 +94,32 @@ def transcode(spec_path: Path, output: Path, overwrite: bool = False, train_file
     return stats
 
 
+def etl_directory(path: str | Path) -> Path:
+    """The ETL directory to train or serve from: `path` itself when this project's ETL wrote
+    it; for a foreign spec directory, its transcoded copy under the cache (made once per
+    fingerprint of the spec and its files), so nothing is ever written into `path`."""
+    path = Path(path)
+    if atomic.written_by_us(path, "etl") or _written_by_our_etl(path):
+        return path
+    from workflows.datasets import cache_dir
+
+    spec = dle_spec.load_spec(path)
+    target = cache_dir() / "transcoded" / spec.fingerprint()[:16]
+    if not atomic.written_by_us(target, "etl"):
+        transcode(path, target)
+    return target
+
+
+def _written_by_our_etl(path: Path) -> bool:
+    """Outputs of workflows/etl.py from before it wrote the marker: their spec names the workflow."""
+    try:
+        import yaml
+
+        return "workflow" in (yaml.safe_load((path / FILENAME).read_text()).get("metadata") or {})
+    except (OSError, AttributeError, yaml.YAMLError, UnicodeDecodeError):
+        return False
+
+
 def _read(spec, mapping: str) -> pd.DataFrame:
     """One mapping checked against the format's rules, in our column names."""
     frame = dle_spec.read_mapping(spec, mapping)
@@ -174,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         stats = transcode(args.spec, args.output, args.overwrite, args.train_files)
     except UserError as exc:
         exit_with(exc, parser.prog)
+    except KeyboardInterrupt:  # atomic_directory has already removed the partial output
+        print(f"{parser.prog}: interrupted; {args.output} left as it was", file=sys.stderr)
+        return 130
     if not args.quiet:
         oov = stats["out_of_vocabulary"][TEST]
         print(f"wrote {args.output}: {stats['users']:,} users, {stats['items']:,} items, "
