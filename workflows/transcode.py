@@ -25,6 +25,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
 
 from workflows import atomic, dle_spec  # noqa: E402
 from workflows.errors import EtlError, OneLineArgumentParser, UserError, exit_with  # noqa: E402
@@ -86,7 +87,8 @@ def transcode(spec_path: Path, output: Path, overwrite: bool = False, train_file
         stats = {
             "dataset": dataset, "format": "dle-feature-spec", "device": backend.device,
             "users": n_users - graph.FIRST_INDEX, "items": n_items - graph.FIRST_INDEX,
-            "interactions": len(train), "train_interactions": len(train), "test_users": counts[f"{TEST}_users"],
+            "interactions": len(train) + sum(counts[f"{m}_users"] for m in held_out),  # as the ETL counts them
+            "train_interactions": len(train), "test_users": counts[f"{TEST}_users"],
             **counts, "out_of_vocabulary": oov, "seconds": {"total": round(time.perf_counter() - start, 3)},
         }
         (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
@@ -113,8 +115,6 @@ def etl_directory(path: str | Path) -> Path:
 def _written_by_our_etl(path: Path) -> bool:
     """Outputs of workflows/etl.py from before it wrote the marker: their spec names the workflow."""
     try:
-        import yaml
-
         return "workflow" in (yaml.safe_load((path / FILENAME).read_text()).get("metadata") or {})
     except (OSError, AttributeError, yaml.YAMLError, UnicodeDecodeError):
         return False
