@@ -105,10 +105,16 @@ def etl_directory(path: str | Path) -> Path:
         return path
     from workflows.datasets import cache_dir
 
+    import fcntl
+
     spec = dle_spec.load_spec(path)
     target = cache_dir() / "transcoded" / spec.fingerprint()[:16]
-    if not atomic.written_by_us(target, "etl"):
-        transcode(path, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # One transcoding per spec even when every torchrun rank asks at once.
+    with open(target.with_name(target.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not atomic.written_by_us(target, "etl"):
+            transcode(path, target)
     return target
 
 
