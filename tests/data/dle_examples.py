@@ -7,6 +7,10 @@ preprocessing, convert.py: train positives, test lists of 1 positive + N negativ
 consecutive rows, ids 0-based) and OUT_DIR/two-chunk (the example of the format's
 documentation: train in two csv chunks, the first split over two files, the test chunk with
 its columns in another order), all from one seeded interaction log.
+
+    python tests/data/dle_examples.py --from-ratings ml-latest-small/ratings.csv OUT_DIR
+
+does what DeepLearningExamples' NCF preprocessing (convert.py) does to a MovieLens release.
 """
 
 from __future__ import annotations
@@ -48,11 +52,45 @@ def _save_spec(out: Path, feature_spec: dict, source_spec: dict, channel_spec: d
 def write_ncf(out: Path, kind: str, seed: int = 0) -> Path:
     """DeepLearningExamples' NCF preprocessing output, as torch_tensor, parquet or csv chunks:
     chunk 0 holds user and item, chunk 1 the label, for train and test alike."""
+    train, test = interactions(seed)
+    return _write_ncf_chunks(out, kind, train, test, USERS, ITEMS)
+
+
+def convert_ratings(ratings_csv: Path, out: Path, negatives: int = 100, seed: int = 1) -> Path:
+    """What DeepLearningExamples' NCF convert.py does to a MovieLens ratings.csv, on CPU:
+    ids factorised to 0-based, duplicates dropped, each user's latest interaction held out,
+    `negatives` items per user drawn uniformly from all items minus the user's train items
+    (so, as there, a negative may repeat the held-out positive), torch_tensor chunks."""
+    log = pd.read_csv(ratings_csv).rename(columns={"userId": "user", "movieId": "item"})
+    for column in ("user", "item"):
+        log[column] = pd.factorize(log[column])[0]
+    n_users, n_items = int(log["user"].max()) + 1, int(log["item"].max()) + 1
+    log = log.sort_values("timestamp", kind="stable")[["user", "item"]].drop_duplicates()
+    test = log.groupby("user").tail(1).sort_values("user")
+    train = log.drop(test.index)
+    rng = np.random.default_rng(seed)
+    seen = set(zip(train["user"].tolist(), train["item"].tolist()))
+    sampled = []
+    for user in test["user"].tolist():
+        row: list[int] = []
+        while len(row) < negatives:
+            item = int(rng.integers(0, n_items))
+            if (user, item) not in seen:
+                row.append(item)
+        sampled.append(row)
+    items = np.concatenate([test["item"].to_numpy()[:, None], np.array(sampled)], axis=1).reshape(-1)
+    lists = pd.DataFrame({"user": np.repeat(test["user"].to_numpy(), negatives + 1), "item": items,
+                          "label": np.tile(np.r_[1.0, np.zeros(negatives)], len(test)).astype(np.float32)})
+    return _write_ncf_chunks(out, "torch_tensor", train.reset_index(drop=True), lists, n_users, n_items)
+
+
+def _write_ncf_chunks(out: Path, kind: str, train: pd.DataFrame, test: pd.DataFrame, n_users: int,
+                      n_items: int) -> Path:
     import torch
 
     out.mkdir(parents=True, exist_ok=True)
-    train, test = interactions(seed)
-    train["label"] = np.float32(1.0)
+    train = train.assign(label=np.float32(1.0))
+    per_list = len(test) // test["user"].nunique()
     source_spec = {}
     for name, frame in (("train", train), ("test", test)):
         chunks = []
@@ -70,10 +108,10 @@ def write_ncf(out: Path, kind: str, seed: int = 0) -> Path:
                 values.to_csv(out / file, header=False, index=False)
             chunks.append({"type": kind, "features": features, "files": [file]})
         source_spec[name] = chunks
-    feature_spec = {"user": {"dtype": "torch.int64", "cardinality": USERS},
-                    "item": {"dtype": "torch.int64", "cardinality": ITEMS},
+    feature_spec = {"user": {"dtype": "torch.int64", "cardinality": n_users},
+                    "item": {"dtype": "torch.int64", "cardinality": n_items},
                     "label": {"dtype": "torch.float32"}}
-    _save_spec(out, feature_spec, source_spec, NCF_CHANNELS, NEGATIVES + 1)
+    _save_spec(out, feature_spec, source_spec, NCF_CHANNELS, per_list)
     return out
 
 
@@ -128,7 +166,11 @@ def write_all(out: Path) -> dict[str, Path]:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python tests/data/dle_examples.py OUT_DIR")
-    for name, path in write_all(Path(sys.argv[1])).items():
-        print(f"{name}: {path}")
+    if len(sys.argv) == 4 and sys.argv[1] == "--from-ratings":
+        print(convert_ratings(Path(sys.argv[2]), Path(sys.argv[3])))
+    elif len(sys.argv) == 2:
+        for name, path in write_all(Path(sys.argv[1])).items():
+            print(f"{name}: {path}")
+    else:
+        sys.exit("usage: python tests/data/dle_examples.py OUT_DIR\n"
+                 "       python tests/data/dle_examples.py --from-ratings ratings.csv OUT_DIR")
