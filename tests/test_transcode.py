@@ -165,3 +165,14 @@ def test_foreign_spec_is_transcoded_once_into_the_cache_and_never_written_to(spe
     assert etl_directory(spec_dir) == first and (first / "stats.json").stat().st_mtime_ns == stamp
     assert {p.name: p.stat().st_mtime_ns for p in spec_dir.iterdir()} == before
     assert etl_directory(transcoded) == transcoded  # this project's output is used where it is
+
+
+@pytest.mark.parametrize("script, options", [
+    ("workflows/transcode.py", {"--spec", "--output", "--overwrite", "--train-files", "--quiet"}),
+    ("workflows/check_spec.py", set()),
+])
+def test_help_and_bad_command_lines(script, options):
+    help_text = run_command(script, "--help").stdout
+    assert all(option in help_text for option in options) and "usage:" in help_text
+    bad = run_command(script, "--no-such-option", check=False)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
