@@ -176,3 +176,20 @@ def test_help_and_bad_command_lines(script, options):
     assert all(option in help_text for option in options) and "usage:" in help_text
     bad = run_command(script, "--no-such-option", check=False)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+
+
+def test_a_validation_mapping_becomes_validation_lists(tmp_path):
+    import yaml
+
+    from models.data import open_etl
+
+    spec = write_ncf(tmp_path / "ncf", "csv")
+    raw = yaml.safe_load((spec / "feature_spec.yaml").read_text())
+    raw["source_spec"]["validation"] = raw["source_spec"]["test"]  # the same files: allowed by the format
+    (spec / "feature_spec.yaml").write_text(yaml.safe_dump(raw))
+    out = tmp_path / "etl"
+    run_command("workflows/transcode.py", "--spec", str(spec), "--output", str(out), "--quiet", timeout=300)
+    assert json.loads((out / "stats.json").read_text())["validation_users"] == USERS
+    assert open_etl(out).eval_mapping == "validation"
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "validation" / "part_0.parquet"),
+                                  pd.read_parquet(out / "test" / "part_0.parquet"))
