@@ -18,10 +18,12 @@ if __package__ in (None, ""):  # run as `python serving/client.py`
 import numpy as np
 
 from serving.errors import ServingError, run_cli
+from workflows.errors import OneLineArgumentParser
 
 PROTOCOLS = ("http", "grpc")
 DEFAULT_URLS = {"http": "127.0.0.1:8000", "grpc": "127.0.0.1:8001"}
 SCORES_MODEL, RECOMMEND_MODEL = "scores", "recommend"
+TOP_K_MAX = np.iinfo(np.int32).max  # top_k travels as INT32
 
 
 @dataclass
@@ -64,7 +66,7 @@ class RecommenderClient:
         if items is not None:
             tensors[self.item_column] = _ids(items)
         if top_k is not None:
-            tensors["top_k"] = np.array([top_k], dtype=np.int32)
+            tensors["top_k"] = np.array([check_top_k(top_k)], dtype=np.int32)
         result = self._infer(RECOMMEND_MODEL, tensors, ["top_item_id", "top_score", "top_title"])
         titles = [t.decode() if isinstance(t, bytes) else str(t) for t in result.as_numpy("top_title").reshape(-1)]
         return Recommendations(result.as_numpy("top_item_id"), result.as_numpy("top_score"), titles)
@@ -119,6 +121,13 @@ class RecommenderClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def check_top_k(top_k: int) -> int:
+    """top_k as the INT32 the server takes: a larger value would wrap around to a negative one."""
+    if not 1 <= top_k <= TOP_K_MAX:
+        raise ServingError(f"top_k must be between 1 and {TOP_K_MAX}, got {top_k}")
+    return int(top_k)
 
 
 def _tritonclient(protocol: str):
@@ -179,7 +188,7 @@ def format_table(user: int, rows: Recommendations) -> str:
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         description="Ask the served recommender for a user's top-K items, or for scores of given items."
     )
     parser.add_argument("--user", required=True, type=int, help="raw user id (as in the input data)")
@@ -199,8 +208,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    if args.top_k is not None and args.top_k < 1:
-        raise ServingError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.top_k is not None and not 1 <= args.top_k <= TOP_K_MAX:
+        raise ServingError(f"--top-k must be between 1 and {TOP_K_MAX} (at most the number of items is shown), "
+                           f"got {args.top_k}")
     if args.serve is None:
         return query(args, args.url)
     from serving.serve import TritonServer

@@ -23,6 +23,7 @@ from serving.errors import ServingError
 from serving.export import export
 from serving.repository import read_config, validate_repository
 from serving.serve import TritonServer
+from conftest import write_tiny_repository
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -351,34 +352,10 @@ def test_unknown_ids_fallback_scores_them_as_oov(repository, reference):
 # --- serve.py --------------------------------------------------------------------------------------------
 
 
-def _tiny_repository(root: Path, model_py: str) -> Path:
-    """A one-model repository (numpy only: starts in seconds) for the server's life cycle."""
-    import tritonclient.grpc.model_config_pb2 as mc
-
-    from serving.repository import tensor, write_config
-
-    config = mc.ModelConfig(name="double", backend="python")
-    config.input.append(tensor(mc.ModelInput, "x", mc.TYPE_INT64))
-    config.output.append(tensor(mc.ModelOutput, "y", mc.TYPE_INT64))
-    write_config(root / "double", config)
-    (root / "double" / "1" / "model.py").write_text(model_py)
-    return root
-
-
-DOUBLE_MODEL = """
-import triton_python_backend_utils as pb_utils
-
-class TritonPythonModel:
-    def execute(self, requests):
-        return [pb_utils.InferenceResponse([pb_utils.Tensor("y", 2 * pb_utils.get_input_tensor_by_name(r, "x").as_numpy())])
-                for r in requests]
-"""
-
-
 def test_serve_cli_serves_until_sigterm_then_stops_cleanly(tmp_path):
     import tritonclient.http as http
 
-    repository = _tiny_repository(tmp_path / "repo", DOUBLE_MODEL)
+    repository = write_tiny_repository(tmp_path / "repo")
     ready = tmp_path / "ready.json"
     process = subprocess.Popen(
         [PYTHON, "serving/serve.py", "--repository", str(repository), "--http-port", "0", "--grpc-port", "0",
@@ -408,7 +385,7 @@ def test_serve_cli_serves_until_sigterm_then_stops_cleanly(tmp_path):
 
 
 def test_server_that_fails_to_load_reports_the_error_at_once(tmp_path):
-    broken = _tiny_repository(tmp_path / "repo", "raise ImportError('deliberately broken model')\n")
+    broken = write_tiny_repository(tmp_path / "repo", "raise ImportError('deliberately broken model')\n")
     started = time.monotonic()
     with pytest.raises(ServingError, match="deliberately broken model"):
         TritonServer(broken, startup_timeout_s=120).start()
