@@ -169,7 +169,7 @@ def die_with_parent_preexec():
     import ctypes
     import signal
 
-    parent = os.getppid()
+    parent = os.getpid()  # the process about to start the child
     libc = ctypes.CDLL(None, use_errno=True)
 
     def preexec() -> None:
