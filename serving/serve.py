@@ -139,6 +139,8 @@ class TritonServer:
     def first_error(self) -> str:
         """Triton's first real error line (not the CPU-only noise), without its log prefix."""
         for line in self._log_tail:
+            if line.startswith("terminate called"):  # an abort (e.g. std::bad_alloc) logs no E line
+                return line
             if line.startswith("E") and not any(noise in line for noise in _HARMLESS_ON_CPU):
                 message = line.split("] ", 1)[-1].strip().strip('"')
                 return message if len(message) <= 300 else message[:300] + " ..."
