@@ -413,3 +413,19 @@ def test_auto_flavour_follows_the_backends_of_the_server_found(tmp_path, monkeyp
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
     assert not find_tritonserver().bundled
     assert resolve_flavour("auto") == "libtorch"
+
+
+def test_soak_survives_an_injected_crash_with_every_good_request_answered(serving_data, repository, tmp_path):
+    """benchmarks/soak.py, briefly: good and bad clients while the crashing request aborts the
+    server; serve.py restarts it and the good clients' retries carry them across."""
+    etl, _ = serving_data
+    plot = tmp_path / "soak.png"
+    done = subprocess.run([PYTHON, "benchmarks/soak.py", "--data", str(etl), "--repository", str(repository),
+                           "--duration", "12", "--clients", "4", "--bad-clients", "1", "--crash-at", "3",
+                           "--retry-for", "120", "--plot", str(plot)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    rows = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in done.stdout.splitlines() if line.count("│") == 3}
+    assert rows["good success rate"] == "100.000 %" and rows["bad rejection rate"] == "100.000 %", done.stdout
+    assert rows["server restarts"] == "1", done.stdout
+    assert "restart 1 in" in done.stdout and plot.stat().st_size > 0
