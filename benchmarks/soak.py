@@ -273,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         ("bad requests answered", f"{bad} (+{tally.bad_unanswered} unanswered)"),
         ("bad rejection rate", f"{100 * tally.bad_rejected / bad:.3f} %" if bad else "n/a"),
         ("server restarts", f"{restarts}"),
+        ("fault to ready again", f"{restart_s[0] - crash_s:.1f} s" if crash_s is not None and restart_s else "n/a"),
         ("requests retried", f"{tally.retries}"),
         ("good p50 / p99 / max latency", f"{tally.latency(50):.1f} / {tally.latency(99):.1f} / {tally.latency(100):.0f} ms"),
         ("good requests/s", f"{tally.good_ok / args.duration:.0f}"),
@@ -305,9 +306,12 @@ def run(args, urls: dict, requests, serve: subprocess.Popen, ready: Path):
     for thread in threads:
         thread.start()
     crash_s, restart_s, seen_restarts = None, [], 0
-    while time.monotonic() < stop_at:
+    # Past the load's end, keep watching while clients finish requests still waiting on a
+    # restart (bounded: each gives up after --retry-for).
+    give_up_at = stop_at + args.retry_for + 60
+    while time.monotonic() < give_up_at and (time.monotonic() < stop_at or any(t.is_alive() for t in threads)):
         now = time.monotonic() - started
-        if crash_s is None and args.inject != "none" and now >= args.crash_at:
+        if crash_s is None and args.inject != "none" and args.crash_at <= now < args.duration:
             crash_s = now
             if args.inject == "crash-request":
                 outcome = crash_request(urls["http"])
@@ -325,8 +329,8 @@ def run(args, urls: dict, requests, serve: subprocess.Popen, ready: Path):
             restart_s.append(now)
             seen_restarts = restarts
         time.sleep(0.1)
-    for thread in threads:  # bounded: each finishes its request (at most --retry-for plus a timeout)
-        thread.join(timeout=args.retry_for + 60)
+    for thread in threads:
+        thread.join(timeout=1)
     return tally, crash_s, restart_s
 
 

@@ -7,6 +7,7 @@ ids, titles and scores, e.g. `python serving/client.py --user 42 --top-k 10`.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ PROTOCOLS = ("http", "grpc")
 DEFAULT_URLS = {"http": "127.0.0.1:8000", "grpc": "127.0.0.1:8001"}
 SCORES_MODEL, RECOMMEND_MODEL = "scores", "recommend"
 TOP_K_MAX = np.iinfo(np.int32).max  # top_k travels as INT32
-RETRY_PAUSE_S = 0.2
+RETRY_FIRST_PAUSE_S, RETRY_MAX_PAUSE_S = 0.1, 2.0
 # How a connection lost mid-request reads (geventhttpclient, gRPC): no verdict on the request.
 _DROPPED = ("connection reset", "connection closed", "socket closed", "broken pipe", "remote end closed",
             "eof", "connection aborted")
@@ -89,7 +90,7 @@ class RecommenderClient:
             inputs.append(tensor)
         requested = [self._api.InferRequestedOutput(name) for name in outputs]
         deadline = time.monotonic() + self.retry_for_s
-        while True:
+        for attempt in itertools.count():
             try:
                 if self.protocol == "grpc":
                     return self._client.infer(model, inputs, outputs=requested, client_timeout=self.timeout_s)
@@ -101,7 +102,8 @@ class RecommenderClient:
             # A dropped server leaves broken pooled connections behind: start afresh.
             self.retries += 1
             self._client.close()
-            time.sleep(RETRY_PAUSE_S)
+            # Backoff: many clients polling a restarting server would slow its start-up.
+            time.sleep(min(RETRY_FIRST_PAUSE_S * 2 ** attempt, RETRY_MAX_PAUSE_S, max(deadline - time.monotonic(), 0)))
             self._client = self._connect()
 
     def _describe(self, exc: Exception) -> ServingError:
