@@ -287,19 +287,30 @@ def _export_cli(*args: str) -> tuple[int, str]:
     return exited.value.code, stderr.getvalue()
 
 
+def _run_of(etl: Path, run: Path, to: Path) -> Path:
+    """A copy of `run` (no checkpoints) that records the fingerprint of `etl`, as current runs do."""
+    from workflows.feature_spec import FeatureSpec
+
+    shutil.copytree(run, to, ignore=shutil.ignore_patterns("checkpoints"))
+    config = json.loads((to / "config.json").read_text())
+    config["data_fingerprint"] = FeatureSpec.load(etl).fingerprint()
+    (to / "config.json").write_text(json.dumps(config))
+    return to
+
+
 def test_export_cli_rejects_bad_input_with_one_line_and_writes_nothing(serving_data, tmp_path):
     etl, run = serving_data
-    too_small = tmp_path / "small-run"
-    too_small.mkdir()
+    too_small = tmp_path / "small-run"  # its config.json claims this ETL output's sizes; model.ts has 4 rows
+    _run_of(etl, run, too_small)
     torch.jit.script(_DotModel(4, 4)).save(str(too_small / "model.ts"))
-    garbage = tmp_path / "garbage-run"
-    garbage.mkdir()
+    garbage = _run_of(etl, run, tmp_path / "garbage-run")
     (garbage / "model.ts").write_text("not a model")
     broken_etl = tmp_path / "broken-etl"
     shutil.copytree(etl, broken_etl)
     (broken_etl / "workflow" / "workflow.pkl").write_bytes(b"not a pickle")
     existing = tmp_path / "existing"
     existing.mkdir()
+    (existing / "notes.txt").write_text("not ours")
     cases = [
         (["--data", str(tmp_path / "nowhere"), "--run", str(run)], "not found"),
         (["--data", str(etl), "--run", str(tmp_path)], "model.ts not found"),
@@ -315,7 +326,7 @@ def test_export_cli_rejects_bad_input_with_one_line_and_writes_nothing(serving_d
         assert code == 2 and len(lines) == 1 and message in lines[0], (args, stderr)
         assert not output.exists()
     code, stderr = _export_cli("--data", str(etl), "--run", str(run), "--output", str(existing))
-    assert code == 2 and "exists" in stderr and not any(existing.iterdir())
+    assert code == 2 and "--overwrite" in stderr and [p.name for p in existing.iterdir()] == ["notes.txt"]
     # One case as a real process: the failure comes after the repository was half built.
     done = subprocess.run([PYTHON, "serving/export.py", "--data", str(etl), "--run", str(too_small), "--output", str(output)],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=180)
@@ -324,6 +335,7 @@ def test_export_cli_rejects_bad_input_with_one_line_and_writes_nothing(serving_d
     assert not output.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
     shutil.rmtree(broken_etl)
+    shutil.rmtree(too_small)
 
 
 def test_validation_rejects_what_triton_would_reject(repository, tmp_path):
