@@ -23,7 +23,6 @@ if __package__ in (None, ""):  # run as `python serving/serve.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from serving.errors import ServingError, run_cli
-from workflows.errors import OneLineArgumentParser
 from serving.server_runtime import (
     TritonInstallation,
     die_with_parent_preexec,
@@ -33,6 +32,7 @@ from serving.server_runtime import (
     server_environment,
 )
 from workflows.atomic import atomic_file
+from workflows.errors import OneLineArgumentParser
 
 STOP_GRACE_S = 45.0
 RESTART_FIRST_DELAY_S, RESTART_MAX_DELAY_S = 0.5, 30.0

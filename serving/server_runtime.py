@@ -199,6 +199,8 @@ def listening_socket_inodes(port: int) -> set[str]:
 def owns_listening_port(pid: int, port: int) -> bool:
     """Whether process `pid` holds the socket listening on `port`: the bind was its own, so a
     server answering there is this process and not another one that had the port first."""
+    if not Path("/proc/net/tcp").exists():  # no procfs (not Linux): nothing to check against
+        return True
     inodes = listening_socket_inodes(port)
     if not inodes:
         return False

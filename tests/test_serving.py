@@ -205,8 +205,9 @@ def test_bad_requests_get_errors_and_server_keeps_serving(client, server, refere
             client.scores([user], np.zeros(0, np.int64))
         elif request_kind == "mismatched lengths":
             client.scores([user, user], items)
-        elif request_kind == "top_k zero":
-            client.recommend(user, top_k=0)
+        elif request_kind == "top_k zero":  # the typed client refuses it too: send it as it is
+            client._infer("recommend", {"user_id": np.array([user], np.int64), "top_k": np.array([0], np.int32)},
+                          ["top_item_id"])
         else:  # requests the typed client would refuse to build: send them raw
             bad_items = items.astype(np.float32) if request_kind == "float ids" else items.reshape(1, 3)
             _send_raw(client, {"user_id": np.array([user], np.int64), "item_id": bad_items})
@@ -304,20 +305,24 @@ def test_export_cli_rejects_bad_input_with_one_line_and_writes_nothing(serving_d
     _run_of(etl, run, too_small)
     torch.jit.script(_DotModel(4, 4)).save(str(too_small / "model.ts"))
     garbage = _run_of(etl, run, tmp_path / "garbage-run")
+    empty_run = tmp_path / "empty-run"
+    empty_run.mkdir()
     (garbage / "model.ts").write_text("not a model")
     broken_etl = tmp_path / "broken-etl"
     shutil.copytree(etl, broken_etl)
     (broken_etl / "workflow" / "workflow.pkl").write_bytes(b"not a pickle")
+    # Runs that record their data's fingerprint: no warning line beside the error.
+    good, broken_etl_run = _run_of(etl, run, tmp_path / "good-run"), _run_of(broken_etl, run, tmp_path / "broken-etl-run")
     existing = tmp_path / "existing"
     existing.mkdir()
     (existing / "notes.txt").write_text("not ours")
     cases = [
         (["--data", str(tmp_path / "nowhere"), "--run", str(run)], "not found"),
-        (["--data", str(etl), "--run", str(tmp_path)], "model.ts not found"),
+        (["--data", str(etl), "--run", str(empty_run)], "model.ts not found"),
         (["--data", str(etl), "--run", str(garbage)], "not a loadable TorchScript module"),
-        (["--data", str(broken_etl), "--run", str(run)], "cannot load the NVTabular workflow"),
-        (["--data", str(etl), "--run", str(run), "--top-k", "-1"], "--top-k must be >= 0"),
-        (["--data", str(etl), "--run", str(run), "--flavour", "libtorch", "--verify"], "has no pytorch backend"),
+        (["--data", str(broken_etl), "--run", str(broken_etl_run)], "cannot load the NVTabular workflow"),
+        (["--data", str(etl), "--run", str(good), "--top-k", "-1"], "--top-k must be >= 0"),
+        (["--data", str(etl), "--run", str(good), "--flavour", "libtorch", "--verify"], "has no pytorch backend"),
     ]
     output = tmp_path / "repo"
     for args, message in cases:
@@ -334,8 +339,8 @@ def test_export_cli_rejects_bad_input_with_one_line_and_writes_nothing(serving_d
     assert done.stderr.count("\n") == 1 and "cannot score this ETL output's ids" in done.stderr, done.stderr
     assert not output.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
-    shutil.rmtree(broken_etl)
-    shutil.rmtree(too_small)
+    for copy in (broken_etl, too_small, good, broken_etl_run, garbage):
+        shutil.rmtree(copy)
 
 
 def test_validation_rejects_what_triton_would_reject(repository, tmp_path):
