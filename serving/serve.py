@@ -40,6 +40,7 @@ STABLE_AFTER_S = 60.0  # a server up this long resets the backoff and the restar
 _LOG_TAIL_LINES = 400
 _ERROR_REPORT_LINES = 12
 SHM_DIR = Path("/dev/shm")
+SHM_PREFIX = "merlin-ncf-"  # + the starting process's pid + "-" + its start count + "-"
 _starts = itertools.count()
 _HARMLESS_ON_CPU = ("CudaDriverHelper", "NVML", "DCGM", "unable to create stream", "CUDA driver version")
 
@@ -107,7 +108,8 @@ class TritonServer:
     def start(self) -> "TritonServer":
         if not self.repository.is_dir():
             raise ServingError(f"model repository {self.repository} does not exist (run serving/export.py)")
-        self.shm_prefix = f"merlin-ncf-{os.getpid()}-{next(_starts)}-"
+        remove_orphaned_shm_regions()
+        self.shm_prefix = f"{SHM_PREFIX}{os.getpid()}-{next(_starts)}-"
         self._log_tail.clear()
         self.process = subprocess.Popen(
             self.command(),
@@ -217,6 +219,18 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def remove_orphaned_shm_regions() -> list[str]:
+    """Delete the shm regions of servers whose starting process is dead (e.g. a serve.py
+    killed with SIGKILL, which could not clean up): the pid in our prefix tells."""
+    removed = []
+    for region in SHM_DIR.glob(f"{SHM_PREFIX}*") if SHM_DIR.is_dir() else ():
+        pid = region.name[len(SHM_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            region.unlink(missing_ok=True)
+            removed.append(region.name)
+    return removed
 
 
 def _signal_group(process: subprocess.Popen, sig: int) -> None:

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from serving.serve import remove_orphaned_shm_regions
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 pytestmark = pytest.mark.slow
@@ -184,3 +186,21 @@ def test_serve_is_not_ready_when_another_server_owns_the_port(tiny_repository, t
     assert process.returncode == 2, (out, err)
     assert err.count("\n") == 1 and "already in use" in err, err
     assert "ready" not in out and not ready.exists()
+
+
+def test_shm_regions_of_a_dead_starter_are_removed_and_no_others():
+    """What a serve.py killed with SIGKILL may leave (its stubs usually clean up, a crashed
+    server's do not always): regions with our prefix and a dead pid go, the rest stay."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    shm = Path("/dev/shm")
+    orphan, live, foreign = (shm / f"merlin-ncf-{dead.pid}-0-test", shm / f"merlin-ncf-{os.getpid()}-999-test",
+                             shm / f"triton_python_backend_shm_region_test-{os.getpid()}")
+    try:
+        for region in (orphan, live, foreign):
+            region.write_bytes(b"")
+        assert orphan.name in remove_orphaned_shm_regions()
+        assert not orphan.exists() and live.exists() and foreign.exists()
+    finally:
+        for region in (orphan, live, foreign):
+            region.unlink(missing_ok=True)
