@@ -7,6 +7,7 @@ ids, titles and scores, e.g. `python serving/client.py --user 42 --top-k 10`.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 from dataclasses import dataclass
@@ -17,11 +18,17 @@ if __package__ in (None, ""):  # run as `python serving/client.py`
 
 import numpy as np
 
-from serving.errors import ServingError, run_cli
+from serving.errors import ServerUnavailable, ServingError, run_cli
+from workflows.errors import OneLineArgumentParser
 
 PROTOCOLS = ("http", "grpc")
 DEFAULT_URLS = {"http": "127.0.0.1:8000", "grpc": "127.0.0.1:8001"}
 SCORES_MODEL, RECOMMEND_MODEL = "scores", "recommend"
+TOP_K_MAX = np.iinfo(np.int32).max  # top_k travels as INT32
+RETRY_FIRST_PAUSE_S, RETRY_MAX_PAUSE_S = 0.1, 2.0
+# How a connection lost mid-request reads (geventhttpclient, gRPC): no verdict on the request.
+_DROPPED = ("connection reset", "connection closed", "socket closed", "broken pipe", "remote end closed",
+            "eof", "connection aborted")
 
 
 @dataclass
@@ -32,24 +39,30 @@ class Recommendations:
 
 
 class RecommenderClient:
-    """One connection to the server; not shared between threads."""
+    """One connection to the server; not shared between threads. With `retry_for_s`, a request
+    that finds the server unreachable (e.g. restarting under serve.py) is sent again on a new
+    connection until it gets an answer or that many seconds have passed."""
 
     def __init__(self, url: str | None = None, protocol: str = "http", user_column: str = "user_id",
-                 item_column: str = "item_id", timeout_s: float = 30.0):
+                 item_column: str = "item_id", timeout_s: float = 30.0, retry_for_s: float = 0.0):
         if protocol not in PROTOCOLS:
             raise ServingError(f"protocol must be one of {PROTOCOLS}, not {protocol!r}")
         self.protocol = protocol
         self.url = url or DEFAULT_URLS[protocol]
         self.user_column, self.item_column = user_column, item_column
         self._api = _tritonclient(protocol)
+        self.timeout_s, self.retry_for_s = timeout_s, retry_for_s
+        self.retries = 0  # requests sent again after the server was unreachable
+        self._client = self._connect()
+
+    def _connect(self):
         try:
-            if protocol == "http":
-                self._client = self._api.InferenceServerClient(self.url, connection_timeout=timeout_s, network_timeout=timeout_s)
-            else:
-                self._client = self._api.InferenceServerClient(self.url)
+            if self.protocol == "http":
+                return self._api.InferenceServerClient(self.url, connection_timeout=self.timeout_s,
+                                                       network_timeout=self.timeout_s)
+            return self._api.InferenceServerClient(self.url)
         except Exception as exc:
-            raise ServingError(f"cannot create a {protocol} client for {self.url}: {_first_line(exc)}") from None
-        self.timeout_s = timeout_s
+            raise ServingError(f"cannot create a {self.protocol} client for {self.url}: {_first_line(exc)}") from None
 
     # --- requests --------------------------------------------------------------------------
 
@@ -64,7 +77,7 @@ class RecommenderClient:
         if items is not None:
             tensors[self.item_column] = _ids(items)
         if top_k is not None:
-            tensors["top_k"] = np.array([top_k], dtype=np.int32)
+            tensors["top_k"] = np.array([check_top_k(top_k)], dtype=np.int32)
         result = self._infer(RECOMMEND_MODEL, tensors, ["top_item_id", "top_score", "top_title"])
         titles = [t.decode() if isinstance(t, bytes) else str(t) for t in result.as_numpy("top_title").reshape(-1)]
         return Recommendations(result.as_numpy("top_item_id"), result.as_numpy("top_score"), titles)
@@ -76,19 +89,31 @@ class RecommenderClient:
             tensor.set_data_from_numpy(array)
             inputs.append(tensor)
         requested = [self._api.InferRequestedOutput(name) for name in outputs]
-        try:
-            if self.protocol == "grpc":
-                return self._client.infer(model, inputs, outputs=requested, client_timeout=self.timeout_s)
-            return self._client.infer(model, inputs, outputs=requested)
-        except Exception as exc:
-            raise ServingError(self._describe(exc)) from None
+        deadline = time.monotonic() + self.retry_for_s
+        for attempt in itertools.count():
+            try:
+                if self.protocol == "grpc":
+                    return self._client.infer(model, inputs, outputs=requested, client_timeout=self.timeout_s)
+                return self._client.infer(model, inputs, outputs=requested)
+            except Exception as exc:
+                error = self._describe(exc)
+            if not isinstance(error, ServerUnavailable) or time.monotonic() >= deadline:
+                raise error
+            # A dropped server leaves broken pooled connections behind: start afresh.
+            self.retries += 1
+            self._client.close()
+            # Backoff: many clients polling a restarting server would slow its start-up.
+            time.sleep(min(RETRY_FIRST_PAUSE_S * 2 ** attempt, RETRY_MAX_PAUSE_S, max(deadline - time.monotonic(), 0)))
+            self._client = self._connect()
 
-    def _describe(self, exc: Exception) -> str:
+    def _describe(self, exc: Exception) -> ServingError:
         message = _first_line(exc)
         lowered = message.lower()
         if any(s in lowered for s in ("connection refused", "failed to connect", "unavailable", "connect call failed")):
-            return f"cannot reach tritonserver at {self.url} ({self.protocol}): is serving/serve.py running?"
-        return message
+            return ServerUnavailable(f"cannot reach tritonserver at {self.url} ({self.protocol}): is serving/serve.py running?")
+        if not isinstance(exc, self._api.InferenceServerException) or any(s in lowered for s in _DROPPED):
+            return ServerUnavailable(f"tritonserver at {self.url} dropped the request: {message}")
+        return ServingError(message)
 
     # --- server state ----------------------------------------------------------------------
 
@@ -119,6 +144,13 @@ class RecommenderClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def check_top_k(top_k: int) -> int:
+    """top_k as the INT32 the server takes: a larger value would wrap around to a negative one."""
+    if not 1 <= top_k <= TOP_K_MAX:
+        raise ServingError(f"top_k must be between 1 and {TOP_K_MAX}, got {top_k}")
+    return int(top_k)
 
 
 def _tritonclient(protocol: str):
@@ -179,7 +211,7 @@ def format_table(user: int, rows: Recommendations) -> str:
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         description="Ask the served recommender for a user's top-K items, or for scores of given items."
     )
     parser.add_argument("--user", required=True, type=int, help="raw user id (as in the input data)")
@@ -199,8 +231,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    if args.top_k is not None and args.top_k < 1:
-        raise ServingError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.top_k is not None and not 1 <= args.top_k <= TOP_K_MAX:
+        raise ServingError(f"--top-k must be between 1 and {TOP_K_MAX} (at most the number of items is shown), "
+                           f"got {args.top_k}")
     if args.serve is None:
         return query(args, args.url)
     from serving.serve import TritonServer

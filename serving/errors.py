@@ -13,6 +13,11 @@ class ServingError(UserError):
     """A user-facing failure: bad input, missing files, an unreachable or failing server."""
 
 
+class ServerUnavailable(ServingError):
+    """The server could not be reached or dropped the connection (e.g. while it restarts):
+    the request got no verdict, so sending it again is safe (inference has no side effects)."""
+
+
 def run_cli(main: Callable[[], int | None]) -> None:
     """Run a CLI's main(); expected failures print one line on stderr and exit 2."""
     try:

@@ -11,6 +11,7 @@ then renamed into place.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
@@ -26,9 +27,9 @@ import tritonclient.grpc.model_config_pb2 as mc
 
 from serving.errors import ServingError, run_cli
 from serving.repository import VERSION, read_config, tensor, validate_repository, write_config
-from workflows.atomic import atomic_directory
+from workflows.atomic import atomic_directory, check_replaceable
 from workflows.cluster import quiet_merlin
-from workflows.errors import one_line
+from workflows.errors import OneLineArgumentParser, UserError, one_line
 from workflows.feature_spec import FeatureSpec, FeatureSpecError
 
 FLAVOURS = ("auto", "python", "libtorch")
@@ -36,6 +37,9 @@ WORKFLOW_STEP, MODEL_STEP, TOP_K_STEP = "workflow", "model", "top_k"
 SCORES_ENSEMBLE, RECOMMEND_ENSEMBLE = "scores", "recommend"
 MODEL_SOURCES = Path(__file__).resolve().parent / "triton_models"
 HELPERS = (MODEL_SOURCES / "common.py",)
+REPOSITORY_KIND = "repository"  # workflows.atomic's marker in every repository export writes
+# Repositories written before the marker: recognised by the layout every export writes.
+LEGACY_REPOSITORY_LAYOUT = (f"{WORKFLOW_STEP}/config.pbtxt", f"{MODEL_STEP}/config.pbtxt", f"{SCORES_ENSEMBLE}/config.pbtxt")
 
 
 @dataclass
@@ -66,13 +70,43 @@ def locate_inputs(data: Path, run: Path) -> ExportInputs:
     if not items_table.is_file():
         raise ServingError(f"item table {items_table} not found")
     torchscript = run / "model.ts"
-    if not torchscript.is_file():
-        raise ServingError(f"{torchscript} not found: is {run} a training run directory?")
+    check_run_matches_data(run, spec)
     workflow = load_workflow(workflow_dir)
     missing = {spec.user_feature, spec.item_feature} - set(workflow.input_schema.column_names)
     if missing:
         raise ServingError(f"the workflow in {workflow_dir} does not take {sorted(missing)}, which feature_spec.yaml names")
     return ExportInputs(spec, workflow_dir, items_table, torchscript, workflow, load_torchscript(torchscript))
+
+
+def check_run_matches_data(run: Path, spec: FeatureSpec, warn=None) -> None:
+    """Refuse a run that is incomplete or was trained on another ETL output: its tables must
+    have exactly the spec's cardinalities (a larger model scores ids it never saw trained),
+    and its recorded data fingerprint must be this ETL output's."""
+    missing = [name for name in ("config.json", "model.ts") if not (run / name).is_file()]
+    if missing:
+        raise ServingError(f"{run / missing[-1]} not found: {run} is not a complete training run directory "
+                           "(train it with models/train_ncf.py, or resume it)")
+    try:
+        config = json.loads((run / "config.json").read_text())
+        sizes = config["model"]["config"]
+        nb_users, nb_items = int(sizes["nb_users"]), int(sizes["nb_items"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ServingError(f"{run / 'config.json'} is not a training run's config (no model.config.nb_users/"
+                           f"nb_items: {one_line(exc)})") from None
+    if (nb_users, nb_items) != (spec.num_users, spec.num_items):
+        raise ServingError(f"{run} was trained for {nb_users} users and {nb_items} items, but {spec.base_dir} has "
+                           f"{spec.num_users} and {spec.num_items}: the model belongs to another ETL output")
+    recorded = config.get("data_fingerprint")
+    if recorded is None:
+        (warn or _warn)(f"warning: {run / 'config.json'} records no data_fingerprint (a run from before it was "
+                        f"recorded): cannot check that it was trained on {spec.base_dir}")
+    elif recorded != spec.fingerprint():
+        raise ServingError(f"{run} was trained on other data than {spec.base_dir} (its data_fingerprint differs): "
+                           "export it with the ETL output it was trained on")
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def load_workflow(path: Path):
@@ -332,11 +366,10 @@ def export(data: Path, run: Path, output: Path, flavour: str = "auto", top_k: in
         raise ServingError(f"--top-k must be >= 0, got {top_k}")
     if instances < 1:
         raise ServingError(f"--instances must be >= 1, got {instances}")
-    if output.exists() and not overwrite:
-        raise ServingError(f"{output} exists (pass --overwrite to replace it)")
+    check_output(output, data, run, overwrite)
     inputs = locate_inputs(data, run)
     flavour = resolve_flavour(flavour)
-    with atomic_directory(output) as staging:
+    with atomic_directory(output, kind=REPOSITORY_KIND) as staging:
         log(f"workflow step from {inputs.workflow_dir}")
         write_workflow_step(staging, inputs, unknown_ids, instances, top_k or 10, exclude_seen)
         log(f"model step ({flavour}) from {inputs.torchscript}")
@@ -356,6 +389,18 @@ def export(data: Path, run: Path, output: Path, flavour: str = "auto", top_k: in
             log("loading the repository in tritonserver and asking each ensemble once")
             verify_with_server(staging, inputs, flavour, bool(top_k))
     return flavour
+
+
+def check_output(output: Path, data: Path, run: Path, overwrite: bool) -> None:
+    """Never replace an input, nor without --overwrite anything non-empty (our own older
+    repository included); foreign non-empty directories only with --overwrite."""
+    try:
+        check_replaceable(output, REPOSITORY_KIND, inputs=[data, run], overwrite=overwrite,
+                          legacy_markers=LEGACY_REPOSITORY_LAYOUT)
+    except UserError as exc:
+        raise ServingError(str(exc)) from None
+    if not overwrite and output.is_dir() and any(output.iterdir()):
+        raise ServingError(f"{output} exists (pass --overwrite to replace it)")
 
 
 def verify_with_server(repo: Path, inputs: ExportInputs, flavour: str, recommend: bool) -> None:
@@ -381,7 +426,7 @@ def verify_with_server(repo: Path, inputs: ExportInputs, flavour: str, recommend
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         description="Export the ETL's saved workflow and a training run's TorchScript as a Triton "
         "ensemble model repository (raw ids in; scores, or top-K raw item ids with scores and titles, out)."
     )
@@ -404,7 +449,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--verify", action="store_true",
                         help="also load the repository in the tritonserver found here and ask each ensemble once "
                         "before writing --output (~20 s)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists (never an input; a directory export did not write "
+                        "is replaced only with this flag)")
     return parser.parse_args(argv)
 
 

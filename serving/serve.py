@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import json
 import os
 import signal
@@ -22,12 +23,25 @@ if __package__ in (None, ""):  # run as `python serving/serve.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from serving.errors import ServingError, run_cli
-from serving.server_runtime import TritonInstallation, find_tritonserver, free_port, server_environment
+from serving.server_runtime import (
+    TritonInstallation,
+    die_with_parent_preexec,
+    find_tritonserver,
+    free_port,
+    owns_listening_port,
+    server_environment,
+)
 from workflows.atomic import atomic_file
+from workflows.errors import OneLineArgumentParser
 
 STOP_GRACE_S = 45.0
+RESTART_FIRST_DELAY_S, RESTART_MAX_DELAY_S = 0.5, 30.0
+STABLE_AFTER_S = 60.0  # a server up this long resets the backoff and the restarts-in-a-row count
 _LOG_TAIL_LINES = 400
 _ERROR_REPORT_LINES = 12
+SHM_DIR = Path("/dev/shm")
+SHM_PREFIX = "merlin-ncf-"  # + the starting process's pid + "-" + its start count + "-"
+_starts = itertools.count()
 _HARMLESS_ON_CPU = ("CudaDriverHelper", "NVML", "DCGM", "unable to create stream", "CUDA driver version")
 
 
@@ -59,6 +73,7 @@ class TritonServer:
         self.process: subprocess.Popen | None = None
         self._log_tail: collections.deque[str] = collections.deque(maxlen=_LOG_TAIL_LINES)
         self._log_thread: threading.Thread | None = None
+        self.shm_prefix = ""
 
     # --- addresses -----------------------------------------------------------------------
 
@@ -82,6 +97,9 @@ class TritonServer:
             f"--grpc-port={self.grpc_port}",
             f"--metrics-port={self.metrics_port}",
             "--exit-timeout-secs=30",  # python stubs unload slowly on a busy CPU
+            # Our own name for the python backend's shared-memory regions: what a crashed
+            # server leaves in /dev/shm is then recognisably ours to delete (stop()).
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             *self.extra_args,
         ]
 
@@ -90,6 +108,9 @@ class TritonServer:
     def start(self) -> "TritonServer":
         if not self.repository.is_dir():
             raise ServingError(f"model repository {self.repository} does not exist (run serving/export.py)")
+        remove_orphaned_shm_regions()
+        self.shm_prefix = f"{SHM_PREFIX}{os.getpid()}-{next(_starts)}-"
+        self._log_tail.clear()
         self.process = subprocess.Popen(
             self.command(),
             env=server_environment(self.installation),
@@ -98,6 +119,7 @@ class TritonServer:
             text=True,
             errors="replace",
             start_new_session=True,  # our Ctrl-C reaches us, and we stop the whole group
+            preexec_fn=die_with_parent_preexec(),  # and if we are killed, the server goes too
         )
         self._log_thread = threading.Thread(target=self._pump_log, daemon=True)
         self._log_thread.start()
@@ -119,6 +141,8 @@ class TritonServer:
     def first_error(self) -> str:
         """Triton's first real error line (not the CPU-only noise), without its log prefix."""
         for line in self._log_tail:
+            if line.startswith("terminate called"):  # an abort (e.g. std::bad_alloc) logs no E line
+                return line
             if line.startswith("E") and not any(noise in line for noise in _HARMLESS_ON_CPU):
                 message = line.split("] ", 1)[-1].strip().strip('"')
                 return message if len(message) <= 300 else message[:300] + " ..."
@@ -145,7 +169,7 @@ class TritonServer:
                         f"{self.first_error()}\n{self.log_tail()}"
                     )
                 try:
-                    if client.is_server_ready():
+                    if client.is_server_ready() and self.owns_its_ports():
                         return
                 except Exception:  # not listening yet
                     pass
@@ -155,6 +179,21 @@ class TritonServer:
                         f"{self.first_error()}\n{self.log_tail()}"
                     )
                 time.sleep(0.1)
+
+    def owns_its_ports(self) -> bool:
+        """Whether our process holds the listening sockets of all three ports: a server that
+        answers there may otherwise be another one that had a port first (ours then exits)."""
+        return all(owns_listening_port(self.process.pid, port) for port in (self.http_port, self.grpc_port, self.metrics_port))
+
+    def remove_shm_regions(self) -> list[str]:
+        """Delete the python backend's /dev/shm regions of our last start (only ours: they
+        carry its prefix); a server that crashed or was killed leaves them behind."""
+        removed = []
+        if self.shm_prefix and SHM_DIR.is_dir():
+            for region in SHM_DIR.glob(f"{self.shm_prefix}*"):
+                region.unlink(missing_ok=True)
+                removed.append(region.name)
+        return removed
 
     def stop(self) -> int | None:
         """SIGTERM, then SIGKILL the process group after a grace period; returns the exit code."""
@@ -172,6 +211,7 @@ class TritonServer:
             _signal_group(self.process, signal.SIGKILL)
         if self._log_thread is not None:
             self._log_thread.join(timeout=5)
+        self.remove_shm_regions()
         return self.process.returncode
 
     def __enter__(self) -> "TritonServer":
@@ -179,6 +219,18 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def remove_orphaned_shm_regions() -> list[str]:
+    """Delete the shm regions of servers whose starting process is dead (e.g. a serve.py
+    killed with SIGKILL, which could not clean up): the pid in our prefix tells."""
+    removed = []
+    for region in SHM_DIR.glob(f"{SHM_PREFIX}*") if SHM_DIR.is_dir() else ():
+        pid = region.name[len(SHM_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            region.unlink(missing_ok=True)
+            removed.append(region.name)
+    return removed
 
 
 def _signal_group(process: subprocess.Popen, sig: int) -> None:
@@ -192,7 +244,7 @@ def _signal_group(process: subprocess.Popen, sig: int) -> None:
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         description="Serve a model repository written by serving/export.py with a real tritonserver "
         "(the one on PATH, else the one bundled in the nvidia-pytriton wheel) until Ctrl-C/SIGTERM."
     )
@@ -203,6 +255,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--metrics-port", type=int, default=8002, help="metrics port (default 8002; 0 picks a free one)")
     parser.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for readiness (default 180)")
     parser.add_argument("--ready-file", type=Path, help="write the server's URLs as JSON here once it is ready (removed on exit)")
+    parser.add_argument("--max-restarts", type=int, default=5,
+                        help="restart a crashed server at most this many times in a row (default 5; 0: never)")
     parser.add_argument("--quiet", action="store_true", help="do not forward the server's log to stdout")
     return parser.parse_args(argv)
 
@@ -212,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     for port in (args.http_port, args.grpc_port, args.metrics_port):
         if not 0 <= port < 65536:
             raise ServingError(f"port {port} is not between 0 and 65535")
+    if args.max_restarts < 0:
+        raise ServingError(f"--max-restarts must be >= 0, got {args.max_restarts}")
     server = TritonServer(
         args.repository,
         host=args.host,
@@ -236,9 +292,10 @@ def main(argv: list[str] | None = None) -> int:
         urls = {"http": server.http_url, "grpc": server.grpc_url, "metrics": f"{args.host}:{server.metrics_port}"}
         print(f"tritonserver ready: HTTP {urls['http']}, gRPC {urls['grpc']} (Ctrl-C stops it)", flush=True)
         if args.ready_file:
-            _write_atomically(args.ready_file, json.dumps(urls))
-        code = server.process.wait()
-        raise ServingError(f"tritonserver exited on its own with code {code}")
+            _write_atomically(args.ready_file, json.dumps({**urls, "pid": os.getpid(), "restarts": 0}))
+        supervise(server, args.max_restarts,
+                  on_restart=lambda count: args.ready_file and _write_atomically(
+                      args.ready_file, json.dumps({**urls, "pid": os.getpid(), "restarts": count})))
     except KeyboardInterrupt:
         print("stopping tritonserver", flush=True)
         server.stop()
@@ -247,6 +304,41 @@ def main(argv: list[str] | None = None) -> int:
         server.stop()
         if args.ready_file:
             args.ready_file.unlink(missing_ok=True)
+
+
+def restart_delay(consecutive: int) -> float:
+    """Exponential backoff between restarts: 0.5 s, 1 s, 2 s, ... at most RESTART_MAX_DELAY_S."""
+    return min(RESTART_FIRST_DELAY_S * 2 ** consecutive, RESTART_MAX_DELAY_S)
+
+
+def supervise(server: TritonServer, max_restarts: int, on_restart=lambda count: None) -> None:
+    """Keep `server` up: when it exits on its own (a crash: one request can abort it), clean up
+    after it and start it again on the same ports, with backoff. Gives up (ServingError) after
+    `max_restarts` restarts in a row that did not stay up for STABLE_AFTER_S. Returns never."""
+    restarts = consecutive = 0
+    while True:
+        ready_at = time.monotonic()
+        code = server.process.wait()
+        reason = server.first_error()
+        server.stop()  # the rest of its process group, and its /dev/shm regions
+        if time.monotonic() - ready_at >= STABLE_AFTER_S:
+            consecutive = 0
+        if consecutive >= max_restarts:
+            raise ServingError(f"tritonserver exited with code {code} ({reason}) after {consecutive} restarts in a row: "
+                               "giving up")
+        delay = restart_delay(consecutive)
+        restarts += 1
+        consecutive += 1
+        print(f"serve.py: tritonserver exited with code {code} ({reason}); restart {restarts} in {delay:.1f} s",
+              flush=True)
+        time.sleep(delay)
+        try:
+            server.start()
+        except ServingError as exc:
+            print(f"serve.py: restart {restarts} failed: {str(exc).splitlines()[0]}", flush=True)
+            continue  # its process has exited: the next wait() returns at once
+        print(f"serve.py: tritonserver ready again (restarts: {restarts})", flush=True)
+        on_restart(restarts)
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import stat
 import sys
 import sysconfig
 import tempfile
@@ -99,17 +100,41 @@ def _bundled_backend_dir(bundle: Path) -> Path:
 
 
 def _writable_cache_dir() -> Path:
-    """~/.cache/merlin-ncf (or $XDG_CACHE_HOME's), else a per-user folder in the temp dir."""
-    candidates = [Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "merlin-ncf",
-                  Path(tempfile.gettempdir()) / f"merlin-ncf-{os.getuid()}"]
-    for cache in candidates:
-        try:
-            cache.mkdir(parents=True, exist_ok=True)
-            if os.access(cache, os.W_OK):
-                return cache
-        except OSError:
-            continue
-    raise ServingError(f"no writable directory for the python backend among {[str(c) for c in candidates]}")
+    """~/.cache/merlin-ncf (or $XDG_CACHE_HOME's), else a per-user folder in the temp dir.
+
+    The python backend stub is executed from here, so the temp-dir fallback (shared with
+    other users) is used only when we own it and nobody else can write to it."""
+    home_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "merlin-ncf"
+    try:
+        home_cache.mkdir(parents=True, exist_ok=True)
+        if os.access(home_cache, os.W_OK):
+            return home_cache
+    except OSError:
+        pass
+    fallback = Path(tempfile.gettempdir()) / f"merlin-ncf-{os.getuid()}"
+    try:
+        fallback.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise ServingError(f"no writable directory for the python backend: {home_cache} and {fallback} "
+                           f"({exc.strerror or exc})") from None
+    check_private_dir(fallback)
+    return fallback
+
+
+def check_private_dir(path: Path) -> None:
+    """Refuse a directory another user could have planted files in: it must be a real
+    directory (not a link), owned by us, with no group or other permissions."""
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode):
+        raise ServingError(f"{path} is not a directory (a link or file there is refused: remove it)")
+    if info.st_uid != os.getuid():
+        raise ServingError(f"{path} belongs to uid {info.st_uid}, not to us (uid {os.getuid()}): "
+                           "refusing to run programs from it (remove it, or make ~/.cache writable)")
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        raise ServingError(f"{path} has mode {stat.S_IMODE(info.st_mode):04o}, so others may write to it: "
+                           "refusing to run programs from it (chmod 700 it after checking its contents, or remove it)")
 
 
 def _fingerprint(bundle: Path) -> str:
@@ -133,3 +158,61 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent_preexec():
+    """A Popen preexec_fn: the child gets SIGKILL when the process that started it dies (even
+    by SIGKILL), so a killed serve.py never leaves an orphaned tritonserver. Linux only."""
+    import ctypes
+    import signal
+
+    parent = os.getpid()  # the process about to start the child
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def preexec() -> None:
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec if sys.platform == "linux" else None
+
+
+def listening_socket_inodes(port: int) -> set[str]:
+    """Inodes of the TCP sockets listening on `port` (any address), from /proc/net/tcp{,6}."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            # fields: sl, local "ADDR:PORT" (hex), remote, state (0A = LISTEN), ..., inode at 9
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(fields[9])
+    return inodes
+
+
+def owns_listening_port(pid: int, port: int) -> bool:
+    """Whether process `pid` holds the socket listening on `port`: the bind was its own, so a
+    server answering there is this process and not another one that had the port first."""
+    if not Path("/proc/net/tcp").exists():  # no procfs (not Linux): nothing to check against
+        return True
+    inodes = listening_socket_inodes(port)
+    if not inodes:
+        return False
+    fd_dir = Path(f"/proc/{pid}/fd")
+    try:
+        for fd in fd_dir.iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:[") and target[8:-1] in inodes:
+                return True
+    except OSError:
+        return False
+    return False

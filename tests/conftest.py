@@ -67,3 +67,37 @@ def trained_run(etl_dir) -> Path:
     out = etl_dir.parent / "run"
     run_command("models/train_ncf.py", "--data", str(etl_dir), "--output", str(out), *TRAIN_ARGS)
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# Serving (serving/): a one-model repository that a real tritonserver loads in seconds.
+# ---------------------------------------------------------------------------------------
+
+DOUBLE_MODEL = """
+import triton_python_backend_utils as pb_utils
+
+class TritonPythonModel:
+    def execute(self, requests):
+        return [pb_utils.InferenceResponse([pb_utils.Tensor("y", 2 * pb_utils.get_input_tensor_by_name(r, "x").as_numpy())])
+                for r in requests]
+"""
+
+
+def write_tiny_repository(root: Path, model_py: str = DOUBLE_MODEL) -> Path:
+    """A one-model repository, `double` (x int64[N] -> y = 2x), on the python backend with numpy
+    only: it starts in seconds, for the server's life cycle (start, crash, restart, stop)."""
+    import tritonclient.grpc.model_config_pb2 as mc
+
+    from serving.repository import tensor, write_config
+
+    config = mc.ModelConfig(name="double", backend="python")
+    config.input.append(tensor(mc.ModelInput, "x", mc.TYPE_INT64))
+    config.output.append(tensor(mc.ModelOutput, "y", mc.TYPE_INT64))
+    write_config(root / "double", config)
+    (root / "double" / "1" / "model.py").write_text(model_py)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_repository(tmp_path_factory) -> Path:
+    return write_tiny_repository(tmp_path_factory.mktemp("tiny") / "repo")

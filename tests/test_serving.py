@@ -23,6 +23,7 @@ from serving.errors import ServingError
 from serving.export import export
 from serving.repository import read_config, validate_repository
 from serving.serve import TritonServer
+from conftest import write_tiny_repository
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -204,8 +205,9 @@ def test_bad_requests_get_errors_and_server_keeps_serving(client, server, refere
             client.scores([user], np.zeros(0, np.int64))
         elif request_kind == "mismatched lengths":
             client.scores([user, user], items)
-        elif request_kind == "top_k zero":
-            client.recommend(user, top_k=0)
+        elif request_kind == "top_k zero":  # the typed client refuses it too: send it as it is
+            client._infer("recommend", {"user_id": np.array([user], np.int64), "top_k": np.array([0], np.int32)},
+                          ["top_item_id"])
         else:  # requests the typed client would refuse to build: send them raw
             bad_items = items.astype(np.float32) if request_kind == "float ids" else items.reshape(1, 3)
             _send_raw(client, {"user_id": np.array([user], np.int64), "item_id": bad_items})
@@ -286,26 +288,41 @@ def _export_cli(*args: str) -> tuple[int, str]:
     return exited.value.code, stderr.getvalue()
 
 
+def _run_of(etl: Path, run: Path, to: Path) -> Path:
+    """A copy of `run` (no checkpoints) that records the fingerprint of `etl`, as current runs do."""
+    from workflows.feature_spec import FeatureSpec
+
+    shutil.copytree(run, to, ignore=shutil.ignore_patterns("checkpoints"))
+    config = json.loads((to / "config.json").read_text())
+    config["data_fingerprint"] = FeatureSpec.load(etl).fingerprint()
+    (to / "config.json").write_text(json.dumps(config))
+    return to
+
+
 def test_export_cli_rejects_bad_input_with_one_line_and_writes_nothing(serving_data, tmp_path):
     etl, run = serving_data
-    too_small = tmp_path / "small-run"
-    too_small.mkdir()
+    too_small = tmp_path / "small-run"  # its config.json claims this ETL output's sizes; model.ts has 4 rows
+    _run_of(etl, run, too_small)
     torch.jit.script(_DotModel(4, 4)).save(str(too_small / "model.ts"))
-    garbage = tmp_path / "garbage-run"
-    garbage.mkdir()
+    garbage = _run_of(etl, run, tmp_path / "garbage-run")
+    empty_run = tmp_path / "empty-run"
+    empty_run.mkdir()
     (garbage / "model.ts").write_text("not a model")
     broken_etl = tmp_path / "broken-etl"
     shutil.copytree(etl, broken_etl)
     (broken_etl / "workflow" / "workflow.pkl").write_bytes(b"not a pickle")
+    # Runs that record their data's fingerprint: no warning line beside the error.
+    good, broken_etl_run = _run_of(etl, run, tmp_path / "good-run"), _run_of(broken_etl, run, tmp_path / "broken-etl-run")
     existing = tmp_path / "existing"
     existing.mkdir()
+    (existing / "notes.txt").write_text("not ours")
     cases = [
         (["--data", str(tmp_path / "nowhere"), "--run", str(run)], "not found"),
-        (["--data", str(etl), "--run", str(tmp_path)], "model.ts not found"),
+        (["--data", str(etl), "--run", str(empty_run)], "model.ts not found"),
         (["--data", str(etl), "--run", str(garbage)], "not a loadable TorchScript module"),
-        (["--data", str(broken_etl), "--run", str(run)], "cannot load the NVTabular workflow"),
-        (["--data", str(etl), "--run", str(run), "--top-k", "-1"], "--top-k must be >= 0"),
-        (["--data", str(etl), "--run", str(run), "--flavour", "libtorch", "--verify"], "has no pytorch backend"),
+        (["--data", str(broken_etl), "--run", str(broken_etl_run)], "cannot load the NVTabular workflow"),
+        (["--data", str(etl), "--run", str(good), "--top-k", "-1"], "--top-k must be >= 0"),
+        (["--data", str(etl), "--run", str(good), "--flavour", "libtorch", "--verify"], "has no pytorch backend"),
     ]
     output = tmp_path / "repo"
     for args, message in cases:
@@ -314,7 +331,7 @@ def test_export_cli_rejects_bad_input_with_one_line_and_writes_nothing(serving_d
         assert code == 2 and len(lines) == 1 and message in lines[0], (args, stderr)
         assert not output.exists()
     code, stderr = _export_cli("--data", str(etl), "--run", str(run), "--output", str(existing))
-    assert code == 2 and "exists" in stderr and not any(existing.iterdir())
+    assert code == 2 and "--overwrite" in stderr and [p.name for p in existing.iterdir()] == ["notes.txt"]
     # One case as a real process: the failure comes after the repository was half built.
     done = subprocess.run([PYTHON, "serving/export.py", "--data", str(etl), "--run", str(too_small), "--output", str(output)],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=180)
@@ -322,7 +339,8 @@ def test_export_cli_rejects_bad_input_with_one_line_and_writes_nothing(serving_d
     assert done.stderr.count("\n") == 1 and "cannot score this ETL output's ids" in done.stderr, done.stderr
     assert not output.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
-    shutil.rmtree(broken_etl)
+    for copy in (broken_etl, too_small, good, broken_etl_run, garbage):
+        shutil.rmtree(copy)
 
 
 def test_validation_rejects_what_triton_would_reject(repository, tmp_path):
@@ -351,34 +369,10 @@ def test_unknown_ids_fallback_scores_them_as_oov(repository, reference):
 # --- serve.py --------------------------------------------------------------------------------------------
 
 
-def _tiny_repository(root: Path, model_py: str) -> Path:
-    """A one-model repository (numpy only: starts in seconds) for the server's life cycle."""
-    import tritonclient.grpc.model_config_pb2 as mc
-
-    from serving.repository import tensor, write_config
-
-    config = mc.ModelConfig(name="double", backend="python")
-    config.input.append(tensor(mc.ModelInput, "x", mc.TYPE_INT64))
-    config.output.append(tensor(mc.ModelOutput, "y", mc.TYPE_INT64))
-    write_config(root / "double", config)
-    (root / "double" / "1" / "model.py").write_text(model_py)
-    return root
-
-
-DOUBLE_MODEL = """
-import triton_python_backend_utils as pb_utils
-
-class TritonPythonModel:
-    def execute(self, requests):
-        return [pb_utils.InferenceResponse([pb_utils.Tensor("y", 2 * pb_utils.get_input_tensor_by_name(r, "x").as_numpy())])
-                for r in requests]
-"""
-
-
 def test_serve_cli_serves_until_sigterm_then_stops_cleanly(tmp_path):
     import tritonclient.http as http
 
-    repository = _tiny_repository(tmp_path / "repo", DOUBLE_MODEL)
+    repository = write_tiny_repository(tmp_path / "repo")
     ready = tmp_path / "ready.json"
     process = subprocess.Popen(
         [PYTHON, "serving/serve.py", "--repository", str(repository), "--http-port", "0", "--grpc-port", "0",
@@ -408,7 +402,7 @@ def test_serve_cli_serves_until_sigterm_then_stops_cleanly(tmp_path):
 
 
 def test_server_that_fails_to_load_reports_the_error_at_once(tmp_path):
-    broken = _tiny_repository(tmp_path / "repo", "raise ImportError('deliberately broken model')\n")
+    broken = write_tiny_repository(tmp_path / "repo", "raise ImportError('deliberately broken model')\n")
     started = time.monotonic()
     with pytest.raises(ServingError, match="deliberately broken model"):
         TritonServer(broken, startup_timeout_s=120).start()
@@ -436,3 +430,19 @@ def test_auto_flavour_follows_the_backends_of_the_server_found(tmp_path, monkeyp
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
     assert not find_tritonserver().bundled
     assert resolve_flavour("auto") == "libtorch"
+
+
+def test_soak_survives_an_injected_crash_with_every_good_request_answered(serving_data, repository, tmp_path):
+    """benchmarks/soak.py, briefly: good and bad clients while the crashing request aborts the
+    server; serve.py restarts it and the good clients' retries carry them across."""
+    etl, _ = serving_data
+    plot = tmp_path / "soak.png"
+    done = subprocess.run([PYTHON, "benchmarks/soak.py", "--data", str(etl), "--repository", str(repository),
+                           "--duration", "12", "--clients", "4", "--bad-clients", "1", "--crash-at", "3",
+                           "--retry-for", "120", "--plot", str(plot)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    rows = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in done.stdout.splitlines() if line.count("│") == 3}
+    assert rows["good success rate"] == "100.000 %" and rows["bad rejection rate"] == "100.000 %", done.stdout
+    assert rows["server restarts"] == "1", done.stdout
+    assert "restart 1 in" in done.stdout and plot.stat().st_size > 0
