@@ -69,11 +69,12 @@ def execute(opts: EtlOptions, source: Path, dataset_name: str, backend: Backend,
 
     with clock.phase("read") as notes:
         fmt = opts.format if not opts.download or opts.format != "auto" else opts.download
+        log = None
         try:
             log = read_log(source, fmt, backend, opts.columns, opts.partition_size)
             split.write_parquet({work / "raw": log.interactions})
         except PARSE_ERRORS as exc:
-            raise EtlError(f"cannot parse {source}: {one_line(exc)}") from None
+            raise EtlError(f"cannot parse {log.ratings_path if log else source}: {one_line(exc)}") from None
         counts["raw_interactions"] = split.count_rows(work / "raw")
         if counts["raw_interactions"] == 0:
             raise EtlError(f"{source} holds no interactions")
@@ -96,6 +97,10 @@ def execute(opts: EtlOptions, source: Path, dataset_name: str, backend: Backend,
         saved_workflow.save(out / "workflow")
         schema = _id_schema(saved_workflow)
         n_users, n_items = (_cardinality(schema, c) for c in graph.PAIR)
+        for column, cardinality in zip(("user", "item"), (n_users, n_items)):
+            if cardinality <= graph.FIRST_INDEX:
+                raise EtlError(f"--freq-threshold {opts.freq_threshold} maps every {column} to the out-of-vocabulary "
+                               f"index: no {column} occurs that often; lower it")
         _check_order_key_fits(work / "encoded", n_items, backend)
         notes.append(f"Categorify: {n_users:,} user and {n_items:,} item indices (3 reserved)")
 

@@ -196,11 +196,14 @@ def _read_generic_csv(path: Path, backend: Backend, columns: ColumnNames, partit
         if len(found) != 1:
             raise EtlError(f"{path} holds {len(found)} CSV files; pass the one to read as --input")
         path = found[0]
-    wanted = _wanted(columns, _csv_header(path), path)
-    # Timestamps may be written as floats; ids must parse as integers.
+    header = _csv_header(path)
+    wanted = _wanted(columns, header, path)
+    # Timestamps may be written as floats; ids must parse as integers. Every column is read
+    # (other columns as text): with usecols pandas silently drops a malformed line's extra fields.
     dtypes = {USER: "int64", ITEM: "int64", TIME: "float64", RATING: "float64"}
-    ddf = backend.dd.read_csv(str(path), sep=",", header=0, usecols=list(wanted),
-                              dtype={src: dtypes[dst] for src, dst in wanted.items()}, blocksize=partition_size)
+    ddf = backend.dd.read_csv(str(path), sep=",", header=0,
+                              dtype={src: dtypes[wanted[src]] if src in wanted else "object" for src in header},
+                              blocksize=partition_size)
     ddf = ddf.rename(columns=wanted)
     ddf[TIME] = ddf[TIME].astype("int64")
     return RawLog(ddf[list(dict.fromkeys([USER, ITEM, TIME, *wanted.values()]))], None, "csv", path)
@@ -210,13 +213,12 @@ def _read_generic_parquet(path: Path, backend: Backend, columns: ColumnNames, pa
     files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
     if not files:
         raise EtlError(f"{path} holds no .parquet files")
-    try:
-        import pyarrow.parquet as pq
-
-        schema = pq.read_schema(files[0])
-    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for unreadable files
-        raise EtlError(f"{files[0]} is not a readable parquet file: {one_line(exc)}") from None
-    wanted = _wanted(columns, schema.names, path)
+    schemas = {f: _parquet_schema(f) for f in files}
+    wanted = _wanted(columns, schemas[files[0]].names, path)
+    # Dask takes the dtypes from the first file and casts the others: check each file's own
+    # column types, so that a later file's 1001.5 is refused instead of truncated to 1001.
+    for f, schema in schemas.items():
+        _check_parquet_types(f, schema, wanted)
     ddf = backend.dd.read_parquet([str(f) for f in files], columns=list(wanted), split_row_groups="infer",
                                   blocksize=partition_size)
     ddf = ddf.rename(columns=wanted)
@@ -233,6 +235,30 @@ def _read_generic_parquet(path: Path, backend: Backend, columns: ColumnNames, pa
     if RATING in ddf.columns:
         ddf[RATING] = ddf[RATING].astype("float64")
     return RawLog(ddf[list(dict.fromkeys([USER, ITEM, TIME, *wanted.values()]))], None, "parquet", path)
+
+
+def _parquet_schema(path: Path):
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_schema(path)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for unreadable files
+        raise EtlError(f"{path} is not a readable parquet file: {one_line(exc)}") from None
+
+
+def _check_parquet_types(path: Path, schema, wanted: dict[str, str]) -> None:
+    import pyarrow as pa
+
+    missing = [c for c in wanted if c not in schema.names]
+    if missing:
+        raise EtlError(f"{path} lacks column(s) {', '.join(missing)} (has: {', '.join(schema.names)})")
+    for src, dst in wanted.items():
+        kind = schema.field(src).type
+        if dst in (USER, ITEM) and not pa.types.is_integer(kind):
+            raise EtlError(f"column {src!r} of {path} holds {kind} values; ids must be integers")
+        if dst == TIME and not (pa.types.is_integer(kind) or pa.types.is_floating(kind)
+                                or pa.types.is_timestamp(kind) or pa.types.is_date(kind)):
+            raise EtlError(f"column {src!r} of {path} holds {kind} values; timestamps must be numbers or datetimes")
 
 
 def _source(wanted: dict[str, str], canonical: str) -> str:
