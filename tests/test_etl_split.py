@@ -22,15 +22,20 @@ def read_parts(files) -> pd.DataFrame:
 
 
 def encoded_log(raw_dir: Path, etl_dir: Path) -> pd.DataFrame:
-    """The raw log with ids mapped by the saved workflow, plus the ETL's order key."""
+    """The raw log with ids mapped by the saved workflow, plus each row's position in the input."""
     import nvtabular as nvt
 
     raw = read_log(raw_dir, "auto", Backend("cpu")).interactions.compute().reset_index(drop=True)
     encoded = nvt.Workflow.load(str(etl_dir / "workflow")).transform(raw[["user_id", "item_id"]])
     log = pd.DataFrame({"user": encoded["user_id"].to_numpy(), "item": encoded["item_id"].to_numpy(),
                         "timestamp": raw["timestamp"].to_numpy()})
-    log["key"] = log["timestamp"] * FeatureSpec.load(etl_dir).num_items + log["item"]
+    log["position"] = np.arange(len(log))
     return log
+
+
+def latest_first(log: pd.DataFrame) -> pd.DataFrame:
+    """The documented order: latest timestamp first, ties to the row later in the input."""
+    return log.sort_values(["timestamp", "position"], ascending=False)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +58,7 @@ def positives(frame: pd.DataFrame) -> pd.Series:
 
 
 def test_test_positive_is_each_users_latest_and_validation_the_one_before(log, candidates):
-    ranked = log.sort_values("key", ascending=False)
+    ranked = latest_first(log)
     latest = ranked.groupby("user")["item"].nth(0)
     second = ranked.groupby("user")["item"].nth(1)
     test, validation = positives(candidates["test"]), positives(candidates["validation"])
@@ -134,7 +139,7 @@ def test_same_seed_same_bytes_other_seed_other_negatives(raw_dir, etl_dir, tmp_p
     assert (same["item_id"] != other["item_id"]).mean() > 0.5
 
 
-def test_single_interaction_users_stay_in_train_and_ties_break_by_item(tmp_path):
+def test_single_interaction_users_stay_in_train_and_ties_break_by_input_order(tmp_path):
     """Fixture: user 5 has one interaction; user 3's two latest share a timestamp."""
     out = tmp_path / "etl"
     run_command("workflows/etl.py", "--input", str(FIXTURES / "ml-1m"), "--output", str(out),
@@ -146,7 +151,7 @@ def test_single_interaction_users_stay_in_train_and_ties_break_by_item(tmp_path)
     single = log.groupby("user").filter(lambda g: len(g) == 1)["user"].item()
     assert single not in test.index and single in set(train["user_id"])
     tied = log[log["timestamp"] == 978297001]
-    assert test[tied["user"].iloc[0]] == tied["item"].max()
+    assert test[tied["user"].iloc[0]] == tied["item"].iloc[-1]
     assert len(test) == 4 and len(train) == len(log) - 4
 
 
