@@ -143,8 +143,9 @@ def test_single_interaction_users_stay_in_train_and_ties_break_by_input_order(tm
     """Fixture: user 5 has one interaction; user 3's two latest share a timestamp."""
     out = tmp_path / "etl"
     run_command("workflows/etl.py", "--input", str(FIXTURES / "ml-1m"), "--output", str(out),
-                "--negatives", "1", "--device", "cpu", "--quiet")
+                "--negatives", "1", "--device", "cpu", "--quiet", "--no-validation")
     spec = FeatureSpec.load(out)
+    assert not spec.has_mapping("validation") and not (out / "validation").exists()
     log = encoded_log(FIXTURES / "ml-1m", out)
     test = positives(read_parts(spec.files("test")))
     train = read_parts(spec.files("train"))
@@ -158,7 +159,7 @@ def test_single_interaction_users_stay_in_train_and_ties_break_by_input_order(tm
 def test_min_rating_then_min_user_interactions(tmp_path):
     out = tmp_path / "etl"
     run_command("workflows/etl.py", "--input", str(FIXTURES / "ml-1m"), "--output", str(out), "--negatives", "1",
-                "--min-rating", "4", "--min-user-interactions", "2", "--device", "cpu", "--quiet")
+                "--min-rating", "4", "--min-user-interactions", "2", "--device", "cpu", "--quiet", "--no-validation")
     raw = read_log(FIXTURES / "ml-1m", "auto", Backend("cpu")).interactions.compute()
     liked = raw[raw["rating"] >= 4]
     kept = liked.groupby("user_id").filter(lambda g: len(g) >= 2)
@@ -188,10 +189,10 @@ def test_freq_threshold_sends_rare_ids_to_the_oov_index(tmp_path):
     assert 2 not in set(pd.read_parquet(out / "items.parquet")["item_id"])
 
 
-def test_validation_needs_three_interactions(tmp_path):
+def test_validation_is_written_by_default_and_needs_three_interactions(tmp_path):
     """Fixture: users 1-3 have 3+ interactions, user 4 two, user 5 one."""
     out = tmp_path / "etl"
-    run_command("workflows/etl.py", "--input", str(FIXTURES / "ml-1m"), "--output", str(out), "--validation",
+    run_command("workflows/etl.py", "--input", str(FIXTURES / "ml-1m"), "--output", str(out),
                 "--negatives", "1", "--device", "cpu", "--quiet")
     spec = FeatureSpec.load(out)
     stats = json.loads((out / "stats.json").read_text())
