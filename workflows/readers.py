@@ -70,7 +70,20 @@ class RawLog:
 
 
 def detect_format(path: Path) -> str:
-    """Guess the release from the files present (ml-1m and ml-10m share a layout)."""
+    """Guess the release from the files present; a MovieLens release's own folder name (e.g.
+    ml-latest-small, whose files look like ml-20m's) names it."""
+    detected = _detect_layout(path)
+    if detected not in LAYOUTS:
+        return detected
+    from workflows.datasets import RELEASES
+
+    folder = (path if path.is_dir() else path.parent).absolute().name
+    named = next((r.name for r in RELEASES.values() if r.folder == folder), None)
+    return named if named and LAYOUTS[named].ratings == LAYOUTS[detected].ratings else detected
+
+
+def _detect_layout(path: Path) -> str:
+    """The format from the files present (ml-1m and ml-10m share a layout, as do ml-20m and later)."""
     candidates = [path / name for name in ("u.data", "ratings.dat", "ratings.csv")] if path.is_dir() else [path]
     for candidate in candidates:
         if not candidate.is_file():
