@@ -158,17 +158,20 @@ def _filter(opts: EtlOptions, work: Path, has_rating: bool, backend: Backend, fi
         steps.append(graph.activity_filter(opts.min_user_interactions, work / "activity"))
     columns = graph.INTERACTION + ([RATING] if opts.min_rating is not None else [])
     source = split.read_ordered(work / "raw", backend, columns, first_time, n_rows)
-    rows_before_dedup = n_rows
+    rows, duplicates = n_rows, 0
     for number, step in enumerate(steps):
         if number:
             source = split.read_parquet(current, backend, columns)
-            rows_before_dedup = split.count_rows(current) if number == dedup_step else rows_before_dedup
         current = work / f"filtered_{number}"
         # Helper columns are dropped after the workflow: a Filter must end it (see workflows/graph.py).
-        split.write_parquet({current: step.fit_transform(split.to_dataset(source, backend)).to_ddf()[graph.INTERACTION]})
+        output = step.fit_transform(split.to_dataset(source, backend)).to_ddf()[graph.INTERACTION]
+        split.write_parquet({current: output})
         columns = graph.INTERACTION
+        rows_in, rows = rows, split.count_rows(current)
         if number == dedup_step:
-            duplicates = rows_before_dedup - split.count_rows(current)
+            duplicates = rows_in - rows
+        if rows == 0:  # the caller reports it; NVTabular's groupby fails on an empty log
+            break
     return current, duplicates
 
 
