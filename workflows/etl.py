@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "out as a validation candidate list, for early stopping)")
     wf.add_argument("--validation", action="store_true",
                     help="accepted for compatibility: validation lists are written by default")
-    wf.add_argument("--negatives", type=_at_least(1), default=100, help="sampled negatives per test/validation user (K)")
+    wf.add_argument("--negatives", type=_at_least(1), default=100,
+                    help="sampled negatives per test/validation user (K)")
     wf.add_argument("--seed", type=int, default=0, help="seed of the negative sampler; same seed, same bytes")
     run_ = parser.add_argument_group("execution")
     run_.add_argument("--output", type=Path, required=True,
