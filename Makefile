@@ -20,7 +20,7 @@ $(STAMP): requirements/cpu.lock pyproject.toml
 # raw file -> workflow -> parquet -> loader -> model -> export -> server -> client
 demo: $(STAMP)
 	$(PY) workflows/synthetic.py --preset demo --output $(DEMO)/raw
-	$(PY) workflows/etl.py --input $(DEMO)/raw --output $(DEMO)/etl --validation
+	$(PY) workflows/etl.py --input $(DEMO)/raw --output $(DEMO)/etl
 	$(PY) models/train_ncf.py --data $(DEMO)/etl --output $(DEMO)/run --force \
 	    --epochs 10 --batch-size 16384 --threshold 0.9
 	$(PY) serving/export.py --data $(DEMO)/etl --run $(DEMO)/run --output $(DEMO)/model-repository --overwrite

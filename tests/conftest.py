@@ -44,10 +44,10 @@ def raw_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def etl_dir(raw_dir) -> Path:
-    """The real ETL (in-process, CPU) on raw_dir with --validation: the layout of docs/pipeline.md."""
+    """The real ETL (in-process, CPU) on raw_dir, validation lists by default: the layout of docs/pipeline.md."""
     out = raw_dir.parent / "etl"
-    run_command("workflows/etl.py", "--input", str(raw_dir), "--output", str(out), "--validation",
-                "--device", "cpu", "--negatives", str(ETL_NEGATIVES), "--seed", str(ETL_SEED), "--quiet")
+    run_command("workflows/etl.py", "--input", str(raw_dir), "--output", str(out), "--device", "cpu",
+                "--negatives", str(ETL_NEGATIVES), "--seed", str(ETL_SEED), "--quiet")
     return out
 
 

@@ -22,9 +22,10 @@ def help_entries(help_text: str) -> dict[str, str]:
     ("workflows/etl.py", {"--input", "--download", "--format", "--user-col", "--item-col", "--time-col",
                           "--rating-col", "--min-rating", "--min-user-interactions", "--freq-threshold",
                           "--validation", "--negatives", "--seed", "--output", "--device", "--workers",
-                          "--scheduler-address", "--partition-size", "--train-files", "--quiet"}),
+                          "--scheduler-address", "--partition-size", "--train-files", "--quiet",
+                          "--overwrite", "--no-validation", "--dashboard"}),
     ("workflows/synthetic.py", {"--output", "--preset", "--interactions", "--users", "--items", "--format",
-                                "--seed", "--dim", "--quiet"}),
+                                "--seed", "--dim", "--quiet", "--overwrite"}),
 ])
 def test_help_documents_every_option(script, expected):
     entries = help_entries(run_command(script, "--help").stdout)
@@ -38,6 +39,18 @@ def _write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
+
+
+def _parquet_parts(directory: Path) -> Path:
+    """Two parquet files of one log; the second holds a fractional item id."""
+    import pandas as pd
+
+    directory.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"user_id": [1, 1, 2], "item_id": [10, 11, 10], "timestamp": [1, 2, 3]}).to_parquet(
+        directory / "part-0.parquet", index=False)
+    pd.DataFrame({"user_id": [2, 3], "item_id": [1001.5, 10.0], "timestamp": [4, 5]}).to_parquet(
+        directory / "part-1.parquet", index=False)
+    return directory
 
 
 def bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
@@ -62,6 +75,17 @@ def bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "too many negatives": (["--input", str(FIXTURES / "ml-1m"), "--negatives", "50"], "--negatives"),
         "no gpu": (["--input", str(FIXTURES / "ml-1m"), "--device", "gpu"], "GPU"),
         "offline download": (["--download", "ml-1m"], "cannot download"),
+        "negative freq threshold": (["--input", str(FIXTURES / "ml-1m"), "--freq-threshold", "-1"], "--freq-threshold"),
+        "negative min interactions": (["--input", str(FIXTURES / "ml-1m"), "--min-user-interactions", "-2"],
+                                      "--min-user-interactions"),
+        "zero negatives": (["--input", str(FIXTURES / "ml-1m"), "--negatives", "0"], "--negatives"),
+        "negative workers": (["--input", str(FIXTURES / "ml-1m"), "--workers", "-1"], "--workers"),
+        "every item out of vocabulary": (["--input", str(FIXTURES / "ml-1m"), "--freq-threshold", "100"],
+                                         "out-of-vocabulary"),
+        "extra fields in a generic csv": (["--input", str(_write(tmp / "f" / "log.csv",
+                                                              "user_id,item_id,timestamp\n1,2,3\n1,3,4,9\n"))],
+                                          "log.csv"),
+        "fractional ids in a later parquet file": (["--input", str(_parquet_parts(tmp / "g"))], "part-1.parquet"),
         "unknown release": (["--download", "ml-3m"], "unknown MovieLens release"),
     }
 
@@ -140,3 +164,58 @@ def test_interrupted_run_leaves_previous_output(raw_dir, etl_dir, tmp_path):
     assert "interrupted" in stderr.strip().splitlines()[-1] and "Traceback" not in stderr
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
     assert [p.name for p in tmp_path.iterdir()] == ["etl"]
+
+
+def _user_folder(path: Path) -> Path:
+    path.mkdir(parents=True)
+    (path / "notes.txt").write_text("hi\n")
+    return path
+
+
+@pytest.mark.parametrize("script, args", [
+    ("workflows/etl.py", ["--input", str(FIXTURES / "ml-1m"), "--negatives", "1"]),
+    ("workflows/synthetic.py", ["--preset", "tiny"]),
+])
+def test_a_folder_of_user_files_is_never_replaced_without_overwrite(tmp_path, script, args):
+    out = _user_folder(tmp_path / "x")
+    result = run_command(script, *args, "--output", str(out), "--quiet", check=False)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "--overwrite" in result.stderr
+    assert (out / "notes.txt").read_text() == "hi\n" and sorted(p.name for p in tmp_path.iterdir()) == ["x"]
+    run_command(script, *args, "--output", str(out), "--quiet", "--overwrite")
+    assert not (out / "notes.txt").exists() and (out / ".merlin-ncf").is_file()
+    run_command(script, *args, "--output", str(out), "--quiet")  # our own output: replaced freely
+
+
+@pytest.mark.parametrize("relation", ["same", "inside", "contains"])
+def test_output_overlapping_the_input_is_refused_even_with_overwrite(tmp_path, relation):
+    data = tmp_path / "data" / "ml-1m"
+    shutil.copytree(FIXTURES / "ml-1m", data)
+    out = {"same": data, "inside": data / "etl", "contains": tmp_path / "data"}[relation]
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    result = run_command("workflows/etl.py", "--input", str(data), "--output", str(out), "--negatives", "1",
+                         "--overwrite", "--quiet", check=False)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "overlaps the input" in result.stderr
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_legacy_etl_output_without_marker_is_replaced(tmp_path):
+    """Outputs written before the marker file are recognised by stats.json + feature_spec.yaml."""
+    out = tmp_path / "etl"
+    run_command("workflows/etl.py", "--input", str(FIXTURES / "ml-1m"), "--output", str(out), "--negatives", "1",
+                "--quiet")
+    (out / ".merlin-ncf").unlink()
+    run_command("workflows/etl.py", "--input", str(FIXTURES / "ml-1m"), "--output", str(out), "--negatives", "1",
+                "--quiet")
+    assert (out / ".merlin-ncf").read_text().strip() == "etl"
+
+
+@pytest.mark.parametrize("script, args", [
+    ("workflows/etl.py", ["--input", str(FIXTURES / "ml-1m"), "--negatives", "1"]),
+    ("workflows/synthetic.py", ["--preset", "tiny"]),
+])
+def test_unwritable_output_is_one_line_error(script, args):
+    result = run_command(script, *args, "--output", "/proc/merlin-ncf-test/x", "--quiet", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "cannot write" in result.stderr

@@ -66,3 +66,48 @@ def test_gpu_run_matches_cpu_run(raw_dir, etl_dir, tmp_path):
     pd.testing.assert_frame_equal(raw_pairs(gpu, "train"), raw_pairs(cpu, "train"))
     for mapping in ("test", "validation"):  # negatives come from cupy's generator, not numpy's
         pd.testing.assert_frame_equal(raw_pairs(gpu, mapping, True), raw_pairs(cpu, mapping, True))
+
+
+LISTEN_PROBE = """
+import sys, psutil, urllib.error, urllib.request
+from workflows.cluster import dask_client
+
+def listening():
+    procs = [psutil.Process()] + psutil.Process().children(recursive=True)
+    return sorted({(c.laddr.ip, p.pid) for p in procs for c in p.connections(kind="inet")
+                   if c.status == psutil.CONN_LISTEN})
+
+if __name__ == "__main__":
+    dashboard = sys.argv[1] if len(sys.argv) > 1 else None
+    with dask_client("cpu", 2, dashboard=dashboard) as client:
+        sockets = listening()
+        print("workers", len(client.scheduler_info()["workers"]))
+        print("hosts", sorted({ip for ip, _ in sockets}))
+        port = client.scheduler_info()["services"]["dashboard"]  # the HTTP server, dashboard or not
+        try:
+            status = urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=30).status
+        except urllib.error.HTTPError as exc:
+            status = exc.code
+        print("status", status)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dashboard", [None, "127.0.0.1:0"])
+def test_local_cluster_listens_on_loopback_only(tmp_path, dashboard):
+    """--workers N: scheduler, nannies, workers and their HTTP servers bind 127.0.0.1 only;
+    the scheduler's dashboard exists only when asked for (--dashboard)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    probe = tmp_path / "probe.py"
+    probe.write_text(LISTEN_PROBE)
+    result = subprocess.run([sys.executable, str(probe), *([dashboard] if dashboard else [])], capture_output=True,
+                            text=True, timeout=180, cwd=Path(__file__).parents[1],
+                            env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines())
+    assert lines["workers"] == "2"
+    assert eval(lines["hosts"]) == ["127.0.0.1"], lines["hosts"]
+    assert lines["status"] == ("200" if dashboard else "404")

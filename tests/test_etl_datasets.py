@@ -98,3 +98,27 @@ def test_download_with_wrong_published_md5_leaves_nothing(mirror, tmp_path):
     with pytest.raises(EtlError, match="corrupt download"):
         datasets.download("ml-latest-small", cache=tmp_path / "cache", progress=False)
     assert [p.name for p in (tmp_path / "cache").iterdir()] == []
+
+
+def test_etl_download_ml_latest_small_end_to_end(mirror, tmp_path):
+    """`etl.py --download ml-latest-small` from a mirror (MERLIN_NCF_MOVIELENS_URL) publishing
+    no .md5, as GroupLens may not: verified by first-download sha256, read, named ml-latest-small."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    fixtures = Path(__file__).parent / "fixtures" / "ml-latest-small"
+    with zipfile.ZipFile(mirror / "ml-latest-small.zip", "w") as zf:
+        for name in ("ratings.csv", "movies.csv"):
+            zf.write(fixtures / name, f"ml-latest-small/{name}")
+    out = tmp_path / "etl"
+    env = dict(os.environ, MERLIN_NCF_CACHE=str(tmp_path / "cache"), PYTHONWARNINGS="ignore",
+               MERLIN_NCF_MOVIELENS_URL=datasets.BASE_URL)  # the mirror fixture's address
+    result = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "workflows/etl.py"), "--download",
+                             "ml-latest-small", "--output", str(out), "--negatives", "1", "--quiet"],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    stats = json.loads((out / "stats.json").read_text())
+    assert (stats["dataset"], stats["format"], stats["raw_interactions"]) == ("ml-latest-small", "ml-latest-small", 13)
+    assert "ml-latest-small" in json.loads((tmp_path / "cache" / "sha256.json").read_text())

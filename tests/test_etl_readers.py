@@ -34,6 +34,7 @@ def _frame(log) -> pd.DataFrame:
     ("ml-10m", "ml-10m", "ml-10m", True),
     ("ml-20m", "auto", "ml-20m", True),
     ("ml-latest-small", "ml-latest-small", "ml-latest-small", True),
+    ("ml-latest-small", "auto", "ml-latest-small", True),  # named by its folder, not read as ml-20m
 ])
 def test_movielens_release_reads_interactions_and_titles(directory, fmt, detected, half_stars):
     log = read_log(FIXTURES / directory, fmt, CPU)

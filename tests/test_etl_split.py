@@ -22,15 +22,20 @@ def read_parts(files) -> pd.DataFrame:
 
 
 def encoded_log(raw_dir: Path, etl_dir: Path) -> pd.DataFrame:
-    """The raw log with ids mapped by the saved workflow, plus the ETL's order key."""
+    """The raw log with ids mapped by the saved workflow, plus each row's position in the input."""
     import nvtabular as nvt
 
     raw = read_log(raw_dir, "auto", Backend("cpu")).interactions.compute().reset_index(drop=True)
     encoded = nvt.Workflow.load(str(etl_dir / "workflow")).transform(raw[["user_id", "item_id"]])
     log = pd.DataFrame({"user": encoded["user_id"].to_numpy(), "item": encoded["item_id"].to_numpy(),
                         "timestamp": raw["timestamp"].to_numpy()})
-    log["key"] = log["timestamp"] * FeatureSpec.load(etl_dir).num_items + log["item"]
+    log["position"] = np.arange(len(log))
     return log
+
+
+def latest_first(log: pd.DataFrame) -> pd.DataFrame:
+    """The documented order: latest timestamp first, ties to the row later in the input."""
+    return log.sort_values(["timestamp", "position"], ascending=False)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +58,7 @@ def positives(frame: pd.DataFrame) -> pd.Series:
 
 
 def test_test_positive_is_each_users_latest_and_validation_the_one_before(log, candidates):
-    ranked = log.sort_values("key", ascending=False)
+    ranked = latest_first(log)
     latest = ranked.groupby("user")["item"].nth(0)
     second = ranked.groupby("user")["item"].nth(1)
     test, validation = positives(candidates["test"]), positives(candidates["validation"])
@@ -134,26 +139,27 @@ def test_same_seed_same_bytes_other_seed_other_negatives(raw_dir, etl_dir, tmp_p
     assert (same["item_id"] != other["item_id"]).mean() > 0.5
 
 
-def test_single_interaction_users_stay_in_train_and_ties_break_by_item(tmp_path):
+def test_single_interaction_users_stay_in_train_and_ties_break_by_input_order(tmp_path):
     """Fixture: user 5 has one interaction; user 3's two latest share a timestamp."""
     out = tmp_path / "etl"
     run_command("workflows/etl.py", "--input", str(FIXTURES / "ml-1m"), "--output", str(out),
-                "--negatives", "1", "--device", "cpu", "--quiet")
+                "--negatives", "1", "--device", "cpu", "--quiet", "--no-validation")
     spec = FeatureSpec.load(out)
+    assert not spec.has_mapping("validation") and not (out / "validation").exists()
     log = encoded_log(FIXTURES / "ml-1m", out)
     test = positives(read_parts(spec.files("test")))
     train = read_parts(spec.files("train"))
     single = log.groupby("user").filter(lambda g: len(g) == 1)["user"].item()
     assert single not in test.index and single in set(train["user_id"])
     tied = log[log["timestamp"] == 978297001]
-    assert test[tied["user"].iloc[0]] == tied["item"].max()
+    assert test[tied["user"].iloc[0]] == tied["item"].iloc[-1]
     assert len(test) == 4 and len(train) == len(log) - 4
 
 
 def test_min_rating_then_min_user_interactions(tmp_path):
     out = tmp_path / "etl"
     run_command("workflows/etl.py", "--input", str(FIXTURES / "ml-1m"), "--output", str(out), "--negatives", "1",
-                "--min-rating", "4", "--min-user-interactions", "2", "--device", "cpu", "--quiet")
+                "--min-rating", "4", "--min-user-interactions", "2", "--device", "cpu", "--quiet", "--no-validation")
     raw = read_log(FIXTURES / "ml-1m", "auto", Backend("cpu")).interactions.compute()
     liked = raw[raw["rating"] >= 4]
     kept = liked.groupby("user_id").filter(lambda g: len(g) >= 2)
@@ -183,10 +189,10 @@ def test_freq_threshold_sends_rare_ids_to_the_oov_index(tmp_path):
     assert 2 not in set(pd.read_parquet(out / "items.parquet")["item_id"])
 
 
-def test_validation_needs_three_interactions(tmp_path):
+def test_validation_is_written_by_default_and_needs_three_interactions(tmp_path):
     """Fixture: users 1-3 have 3+ interactions, user 4 two, user 5 one."""
     out = tmp_path / "etl"
-    run_command("workflows/etl.py", "--input", str(FIXTURES / "ml-1m"), "--output", str(out), "--validation",
+    run_command("workflows/etl.py", "--input", str(FIXTURES / "ml-1m"), "--output", str(out),
                 "--negatives", "1", "--device", "cpu", "--quiet")
     spec = FeatureSpec.load(out)
     stats = json.loads((out / "stats.json").read_text())

@@ -17,6 +17,8 @@ from typing import Iterator
 from workflows.errors import EtlError
 
 DEVICES = ("auto", "gpu", "cpu")
+LOOPBACK_ANY_PORT = "127.0.0.1:0"
+DEFAULT_DASHBOARD = "127.0.0.1:8787"
 
 
 def quiet_merlin() -> None:
@@ -76,10 +78,11 @@ class Backend:
 
 @contextlib.contextmanager
 def dask_client(device: str, workers: int = 0, scheduler_address: str | None = None,
-                memory_limit: str | None = "auto") -> Iterator[object | None]:
+                memory_limit: str | None = "auto", dashboard: str | None = None) -> Iterator[object | None]:
     """Yield a distributed Client (or None to run in-process) and tear down what we started.
 
-    workers == 0 and no scheduler address: no cluster, Dask's in-process scheduler.
+    workers == 0 and no scheduler address: no cluster, Dask's in-process scheduler. A local
+    cluster listens on 127.0.0.1 only; its dashboard runs only at a given `dashboard` address.
     """
     if not scheduler_address and workers <= 0:
         yield None
@@ -95,17 +98,20 @@ def dask_client(device: str, workers: int = 0, scheduler_address: str | None = N
         with client:
             yield client
         return
+    # Every Dask node runs an HTTP server (health, metrics) even without a dashboard, on all
+    # interfaces unless given an address: pin each to the loopback interface.
+    loopback = dict(host="127.0.0.1", worker_dashboard_address=LOOPBACK_ANY_PORT, silence_logs=logging.ERROR,
+                    scheduler_kwargs={"dashboard": dashboard is not None,
+                                      "dashboard_address": dashboard or LOOPBACK_ANY_PORT})
     if device == "gpu":
         from dask_cuda import LocalCUDACluster
 
-        cluster = LocalCUDACluster(n_workers=workers, host="127.0.0.1", dashboard_address=None,
-                                   silence_logs=logging.ERROR)
+        cluster = LocalCUDACluster(n_workers=workers, **loopback)
     else:
         from distributed import LocalCluster
 
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                               host="127.0.0.1", dashboard_address=None,
-                               memory_limit=memory_limit, silence_logs=logging.ERROR)
+                               memory_limit=memory_limit, **loopback)
     with cluster, Client(cluster) as client:
         client.run(quiet_merlin)  # the workers are fresh processes with default warning filters
         yield client

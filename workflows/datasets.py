@@ -23,6 +23,8 @@ from workflows.errors import EtlError, one_line
 
 BASE_URL = "https://files.grouplens.org/datasets/movielens"
 CACHE_ENV = "MERLIN_NCF_CACHE"
+# A mirror of GroupLens' folder (same archive names, optional .md5 files beside them).
+URL_ENV = "MERLIN_NCF_MOVIELENS_URL"
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,7 @@ class Release:
 
     @property
     def url(self) -> str:
-        return f"{BASE_URL}/{self.name}.zip"
+        return f"{os.environ.get(URL_ENV) or BASE_URL}/{self.name}.zip"
 
 
 RELEASES = {r.name: r for r in [

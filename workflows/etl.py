@@ -24,8 +24,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from workflows import atomic  # noqa: E402
-from workflows.cluster import DEVICES, Backend, dask_client, resolve_device  # noqa: E402
-from workflows.errors import EtlError, OneLineArgumentParser, exit_with  # noqa: E402
+from workflows.cluster import DEFAULT_DASHBOARD, DEVICES, Backend, dask_client, resolve_device  # noqa: E402
+from workflows.errors import EtlError, OneLineArgumentParser, UserError, exit_with  # noqa: E402
 from workflows.readers import FORMATS, LAYOUTS, ColumnNames  # noqa: E402
 
 
@@ -39,15 +39,22 @@ class EtlOptions:
     min_rating: float | None = None
     min_user_interactions: int = 1
     freq_threshold: int = 0
-    validation: bool = False
+    validation: bool = True
     negatives: int = 100
     seed: int = 0
     device: str = "cpu"
     workers: int = 0
     scheduler_address: str | None = None
+    dashboard: str | None = None
     partition_size: str = "32MB"
     train_files: int = 0
     progress: bool = True
+    overwrite: bool = False
+
+
+KIND = "etl"
+# ETL outputs from before the marker file (workflows.atomic.MARKER) hold both of these.
+LEGACY_MARKERS = ("stats.json", "feature_spec.yaml")
 
 
 def run(opts: EtlOptions) -> dict:
@@ -57,13 +64,15 @@ def run(opts: EtlOptions) -> dict:
     if opts.workers < 0:
         raise EtlError("--workers must be 0 (in-process) or more")
     source, dataset_name = _source(opts)
+    atomic.check_replaceable(opts.output, KIND, inputs=[source], overwrite=opts.overwrite,
+                             legacy_markers=LEGACY_MARKERS)
     backend = Backend(resolve_device(opts.device))
     from workflows.pipeline import PhaseClock, execute  # NVTabular: only once the options are sound
 
     clock = PhaseClock(opts.progress)
     try:
-        with dask_client(backend.device, opts.workers, opts.scheduler_address), \
-                atomic.atomic_directory(opts.output) as out:
+        with dask_client(backend.device, opts.workers, opts.scheduler_address, dashboard=opts.dashboard), \
+                atomic.atomic_directory(opts.output, kind=KIND) as out:
             stats = execute(opts, source, dataset_name, backend, out, clock)
     finally:
         clock.close()
@@ -103,22 +112,33 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--rating-col", default="rating", help="optional rating column of a generic log")
     wf = parser.add_argument_group("workflow")
     wf.add_argument("--min-rating", type=float, help="implicit feedback: keep only interactions rated at least this")
-    wf.add_argument("--min-user-interactions", type=int, default=1,
+    wf.add_argument("--min-user-interactions", type=_at_least(0), default=1,
                     help="drop users with fewer interactions (after --min-rating); users left with a single "
                          "interaction keep it in train and get no test row (two: no validation row)")
-    wf.add_argument("--freq-threshold", type=int, default=0,
+    wf.add_argument("--freq-threshold", type=_at_least(0), default=0,
                     help="ids seen fewer times map to Categorify's out-of-vocabulary index 2")
+    wf.add_argument("--no-validation", action="store_true",
+                    help="write no validation lists (by default each user's second-latest interaction is held "
+                         "out as a validation candidate list, for early stopping)")
     wf.add_argument("--validation", action="store_true",
-                    help="also hold out each user's second-latest interaction as a validation candidate list")
-    wf.add_argument("--negatives", type=int, default=100, help="sampled negatives per test/validation user (K)")
+                    help="accepted for compatibility: validation lists are written by default")
+    wf.add_argument("--negatives", type=_at_least(1), default=100,
+                    help="sampled negatives per test/validation user (K)")
     wf.add_argument("--seed", type=int, default=0, help="seed of the negative sampler; same seed, same bytes")
     run_ = parser.add_argument_group("execution")
     run_.add_argument("--output", type=Path, required=True,
                       help="output directory; built beside it and swapped in only when complete")
+    run_.add_argument("--overwrite", action="store_true",
+                      help="replace --output even if it is a non-empty directory this command did not write "
+                           "(an output overlapping the input is always refused)")
     run_.add_argument("--device", default="auto", choices=DEVICES,
                       help="gpu: cuDF + dask-cuda; cpu: pandas + dask.distributed; auto: gpu when present")
-    run_.add_argument("--workers", type=int, default=0,
-                      help="local Dask cluster workers (GPU: one per GPU); 0 runs in this process")
+    run_.add_argument("--workers", type=_at_least(0), default=0,
+                      help="local Dask cluster workers (GPU: one per GPU), listening on 127.0.0.1 only; "
+                           "0 runs in this process")
+    run_.add_argument("--dashboard", nargs="?", const=DEFAULT_DASHBOARD, metavar="ADDRESS",
+                      help=f"with --workers: serve the Dask dashboard (off by default) at ADDRESS "
+                           f"(default {DEFAULT_DASHBOARD})")
     run_.add_argument("--scheduler-address",
                       help="run on an existing Dask cluster (e.g. tcp://10.0.0.1:8786); its workers must see "
                            "the --output directory's filesystem")
@@ -136,9 +156,24 @@ def options_from_args(args: argparse.Namespace) -> EtlOptions:
         output=args.output, input=args.input, download=args.download, format=args.format,
         columns=ColumnNames(args.user_col, args.item_col, args.time_col, args.rating_col),
         min_rating=args.min_rating, min_user_interactions=args.min_user_interactions,
-        freq_threshold=args.freq_threshold, validation=args.validation, negatives=args.negatives, seed=args.seed,
-        device=args.device, workers=args.workers, scheduler_address=args.scheduler_address,
-        partition_size=args.partition_size, train_files=args.train_files, progress=not args.quiet)
+        freq_threshold=args.freq_threshold, validation=not args.no_validation, negatives=args.negatives,
+        seed=args.seed, device=args.device, workers=args.workers, scheduler_address=args.scheduler_address,
+        dashboard=args.dashboard, partition_size=args.partition_size, train_files=args.train_files,
+        progress=not args.quiet, overwrite=args.overwrite)
+
+
+def _at_least(minimum: int):
+    """argparse type: an integer no smaller than `minimum`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
+        return value
+
+    return parse
 
 
 def _exit_on_interrupt(prog: str, output: Path, grace_seconds: float = 10.0) -> None:
@@ -166,9 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     _exit_on_interrupt(parser.prog, args.output)
     if args.input and args.download:
         parser.error("give either --input or --download, not both")
+    if args.validation and args.no_validation:
+        parser.error("give either --validation or --no-validation, not both")
     try:
         stats = run(options_from_args(args))
-    except EtlError as exc:
+    except UserError as exc:
         exit_with(exc, parser.prog)
     except KeyboardInterrupt:
         atomic.abandon_all()

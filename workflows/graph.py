@@ -15,14 +15,16 @@ from pathlib import Path
 import nvtabular as nvt
 from nvtabular import ops
 
-from workflows.readers import ITEM, RATING, TIME, USER
+from workflows.readers import ITEM, RATING, USER
 
-INTERACTION = [USER, ITEM, TIME]
-PAIR = [USER, ITEM]
+# The order key ranks a log's rows by (timestamp, position in the input); see split.read_ordered.
 ORDER_KEY = "order_key"
+INTERACTION = [USER, ITEM, ORDER_KEY]
+PAIR = [USER, ITEM]
 COUNT = f"{USER}_count"
 LATEST = f"{USER}_{ORDER_KEY}_max"
-FLAGGED = INTERACTION + [ORDER_KEY, COUNT, LATEST]
+PAIR_FIRST = f"{USER}_{ITEM}_{ORDER_KEY}_min"
+FLAGGED = INTERACTION + [COUNT, LATEST]
 # Categorify's reserved indices: 0 padding, 1 null, 2 out-of-vocabulary; real ids from 3.
 FIRST_INDEX = 3
 
@@ -35,14 +37,22 @@ def rating_filter(min_rating: float) -> nvt.Workflow:
 
 def activity_filter(min_interactions: int, work_dir: Path) -> nvt.Workflow:
     """Drop users with fewer than `min_interactions` interactions (adds a count column)."""
-    counts = [USER] >> ops.JoinGroupby(cont_cols=[TIME], stats=["count"], out_path=str(work_dir))
+    counts = [USER] >> ops.JoinGroupby(cont_cols=[ORDER_KEY], stats=["count"], out_path=str(work_dir))
     return nvt.Workflow((INTERACTION + counts) >> ops.Filter(lambda df: df[COUNT] >= min_interactions))
+
+
+def first_of_pair(work_dir: Path) -> nvt.Workflow:
+    """Keep each (user, item) pair's first interaction in (timestamp, position) order: a
+    re-rated item is one interaction, so it can never be both a held-out positive and in train."""
+    # "count" too: with "min" alone NVTabular 23.08's groupby loses its key columns (KeyError).
+    first = [PAIR] >> ops.JoinGroupby(cont_cols=[ORDER_KEY], stats=["count", "min"], out_path=str(work_dir))
+    return nvt.Workflow((INTERACTION + first) >> ops.Filter(lambda df: df[ORDER_KEY] == df[PAIR_FIRST]))
 
 
 def encoding(freq_threshold: int, work_dir: Path) -> tuple[nvt.Workflow, nvt.Workflow]:
     """Categorify users and items, tagged USER_ID/ITEM_ID.
 
-    Returns (etl, saved): `etl` also passes the timestamp through for the split; `saved`
+    Returns (etl, saved): `etl` also passes the order key through for the split; `saved`
     shares its fitted operators and maps raw user_id, item_id only, for serving.
     """
     def categorify():
@@ -50,19 +60,18 @@ def encoding(freq_threshold: int, work_dir: Path) -> tuple[nvt.Workflow, nvt.Wor
 
     users = [USER] >> categorify() >> ops.TagAsUserID()
     items = [ITEM] >> categorify() >> ops.TagAsItemID()
-    return nvt.Workflow(users + items + [TIME]), nvt.Workflow(users + items)
+    return nvt.Workflow(users + items + [ORDER_KEY]), nvt.Workflow(users + items)
 
 
-def holdout_flag(item_cardinality: int, work_dir: Path) -> nvt.Workflow:
-    """Add each row's order key and its user's latest key and interaction count.
+def holdout_flag(work_dir: Path) -> nvt.Workflow:
+    """Add each row's user's latest order key and interaction count.
 
-    The order key timestamp * cardinality + item is unique per (time, item), so the maximum
-    per user picks one row deterministically, without a shuffle or sort.
+    Order keys are unique (they include the row's position in the input), so the maximum per
+    user picks exactly one row, the latest with ties going to the later input row, without a
+    shuffle or sort.
     """
-    order_key = [TIME] >> ops.LambdaOp(lambda ts, df: ts * item_cardinality + df[ITEM], dependency=[ITEM],
-                                       label=ORDER_KEY) >> ops.Rename(name=ORDER_KEY)
-    latest = [USER] >> ops.JoinGroupby(cont_cols=order_key, stats=["count", "max"], out_path=str(work_dir))
-    return nvt.Workflow(INTERACTION + order_key + latest)
+    latest = [USER] >> ops.JoinGroupby(cont_cols=[ORDER_KEY], stats=["count", "max"], out_path=str(work_dir))
+    return nvt.Workflow(INTERACTION + latest)
 
 
 def _held_out(df):

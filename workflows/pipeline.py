@@ -24,7 +24,7 @@ import pandas as pd  # noqa: E402
 from workflows import graph, negatives, split  # noqa: E402
 from workflows.errors import EtlError, one_line  # noqa: E402
 from workflows.feature_spec import FeatureSpec, LABEL_CHANNEL, ITEM_CHANNEL, USER_CHANNEL  # noqa: E402
-from workflows.readers import ITEM, RATING, USER, read_log  # noqa: E402
+from workflows.readers import ITEM, RATING, TIME, USER, read_log  # noqa: E402
 
 if TYPE_CHECKING:
     from workflows.etl import EtlOptions
@@ -69,23 +69,26 @@ def execute(opts: EtlOptions, source: Path, dataset_name: str, backend: Backend,
 
     with clock.phase("read") as notes:
         fmt = opts.format if not opts.download or opts.format != "auto" else opts.download
+        log = None
         try:
             log = read_log(source, fmt, backend, opts.columns, opts.partition_size)
             split.write_parquet({work / "raw": log.interactions})
         except PARSE_ERRORS as exc:
-            raise EtlError(f"cannot parse {source}: {one_line(exc)}") from None
+            raise EtlError(f"cannot parse {log.ratings_path if log else source}: {one_line(exc)}") from None
         counts["raw_interactions"] = split.count_rows(work / "raw")
         if counts["raw_interactions"] == 0:
             raise EtlError(f"{source} holds no interactions")
         has_rating = RATING in log.interactions.columns
+        first_time = _check_order_key_fits(work / "raw", counts["raw_interactions"], backend)
         notes.append(f"{counts['raw_interactions']:,} interactions ({log.fmt}) from {source}")
 
     with clock.phase("filter") as notes:
-        filtered = _filter(opts, work, has_rating, backend)
+        filtered, counts["duplicates_dropped"] = _filter(opts, work, has_rating, backend, first_time,
+                                                         counts["raw_interactions"])
         counts["interactions"] = split.count_rows(filtered)
         if counts["interactions"] == 0:
             raise EtlError("no interactions left after --min-rating / --min-user-interactions")
-        notes.append(f"{counts['interactions']:,} kept")
+        notes.append(f"{counts['interactions']:,} kept, {counts['duplicates_dropped']:,} repeated pairs dropped")
 
     with clock.phase("encode") as notes:
         etl_workflow, saved_workflow = graph.encoding(opts.freq_threshold, work / "categories")
@@ -96,14 +99,17 @@ def execute(opts: EtlOptions, source: Path, dataset_name: str, backend: Backend,
         saved_workflow.save(out / "workflow")
         schema = _id_schema(saved_workflow)
         n_users, n_items = (_cardinality(schema, c) for c in graph.PAIR)
-        _check_order_key_fits(work / "encoded", n_items, backend)
+        for column, cardinality in zip(("user", "item"), (n_users, n_items)):
+            if cardinality <= graph.FIRST_INDEX:
+                raise EtlError(f"--freq-threshold {opts.freq_threshold} maps every {column} to the out-of-vocabulary "
+                               f"index: no {column} occurs that often; lower it")
         notes.append(f"Categorify: {n_users:,} user and {n_items:,} item indices (3 reserved)")
 
     with clock.phase("split") as notes:
         held_out = ["test", "validation"] if opts.validation else ["test"]
         positives, remaining = {}, work / "encoded"
         for name in held_out:
-            positives[name], remaining = split.split_latest(remaining, n_items, work, name, backend)
+            positives[name], remaining = split.split_latest(remaining, work, name, backend)
         counts["test_users"] = split.count_rows(positives["test"])
         if counts["test_users"] == 0:
             raise EtlError("no user has two or more interactions: nothing to hold out for test")
@@ -123,9 +129,9 @@ def execute(opts: EtlOptions, source: Path, dataset_name: str, backend: Backend,
         notes.append(f"{opts.negatives} per user, seed {opts.seed}")
 
     with clock.phase("write") as notes:
-        train = split.read_parquet(remaining, backend, graph.PAIR)
         counts["train_interactions"] = split.count_rows(remaining)
         n_files = opts.train_files or max(2, math.ceil(counts["train_interactions"] / 2_000_000))
+        train = split.read_balanced(remaining, backend, graph.PAIR, n_files)
         _write_merlin(train, out / "train", schema, n_files, backend)
         items = _item_table(saved_workflow, log.items)
         items.to_parquet(out / "items.parquet", index=False)
@@ -139,23 +145,34 @@ def execute(opts: EtlOptions, source: Path, dataset_name: str, backend: Backend,
     return stats
 
 
-def _filter(opts: EtlOptions, work: Path, has_rating: bool, backend: Backend) -> Path:
-    """Apply --min-rating then --min-user-interactions; the raw log when neither is asked."""
-    steps = []
-    if opts.min_rating is not None:
-        if not has_rating:
-            raise EtlError("--min-rating given but the log has no rating column")
-        steps.append(graph.rating_filter(opts.min_rating))
+def _filter(opts: EtlOptions, work: Path, has_rating: bool, backend: Backend, first_time: int,
+            n_rows: int) -> tuple[Path, int]:
+    """Order the raw log, apply --min-rating, keep each (user, item) pair's first interaction,
+    then apply --min-user-interactions; returns the result and the number of repeats dropped."""
+    if opts.min_rating is not None and not has_rating:
+        raise EtlError("--min-rating given but the log has no rating column")
+    steps = [graph.rating_filter(opts.min_rating)] if opts.min_rating is not None else []
+    dedup_step = len(steps)
+    steps.append(graph.first_of_pair(work / "pairs"))
     if opts.min_user_interactions > 1:
         steps.append(graph.activity_filter(opts.min_user_interactions, work / "activity"))
-    current = work / "raw"
     columns = graph.INTERACTION + ([RATING] if opts.min_rating is not None else [])
+    source = split.read_ordered(work / "raw", backend, columns, first_time, n_rows)
+    rows, duplicates = n_rows, 0
     for number, step in enumerate(steps):
-        data = split.to_dataset(split.read_parquet(current, backend, columns), backend)
+        if number:
+            source = split.read_parquet(current, backend, columns)
         current = work / f"filtered_{number}"
-        split.write_parquet({current: step.fit_transform(data).to_ddf()[columns]})
+        # Helper columns are dropped after the workflow: a Filter must end it (see workflows/graph.py).
+        output = step.fit_transform(split.to_dataset(source, backend)).to_ddf()[graph.INTERACTION]
+        split.write_parquet({current: output})
         columns = graph.INTERACTION
-    return current
+        rows_in, rows = rows, split.count_rows(current)
+        if number == dedup_step:
+            duplicates = rows_in - rows
+        if rows == 0:  # the caller reports it; NVTabular's groupby fails on an empty log
+            break
+    return current, duplicates
 
 
 def _id_schema(workflow):
@@ -173,14 +190,16 @@ def _cardinality(schema, column: str) -> int:
     return int(schema[column].int_domain.max) + 1
 
 
-def _check_order_key_fits(encoded: Path, n_items: int, backend: Backend) -> None:
+def _check_order_key_fits(raw: Path, n_rows: int, backend: Backend) -> int:
+    """The first timestamp, once sure that (timestamp - first) * n_rows + position fits in int64."""
     import dask
 
-    ts = split.read_parquet(encoded, backend, [graph.TIME])[graph.TIME]
-    largest = max(abs(int(value)) for value in dask.compute(ts.max(), ts.min()))
-    if (largest + 1) * n_items >= 2**63:
-        raise EtlError(f"timestamps up to {largest} x {n_items} items overflow the int64 order key; "
-                       "rescale the time column (e.g. to seconds)")
+    ts = split.read_parquet(raw, backend, [TIME])[TIME]
+    first, last = (int(value) for value in dask.compute(ts.min(), ts.max()))
+    if (last - first + 1) * n_rows >= 2**63:
+        raise EtlError(f"timestamps spanning {last - first} units x {n_rows} interactions overflow the int64 "
+                       "order key; rescale the time column (e.g. to seconds)")
+    return first
 
 
 def _candidates(positives_path: Path, keys, n_items: int, k: int, rng, backend: Backend):

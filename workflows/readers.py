@@ -70,7 +70,20 @@ class RawLog:
 
 
 def detect_format(path: Path) -> str:
-    """Guess the release from the files present (ml-1m and ml-10m share a layout)."""
+    """Guess the release from the files present; a MovieLens release's own folder name (e.g.
+    ml-latest-small, whose files look like ml-20m's) names it."""
+    detected = _detect_layout(path)
+    if detected not in LAYOUTS:
+        return detected
+    from workflows.datasets import RELEASES
+
+    folder = (path if path.is_dir() else path.parent).absolute().name
+    named = next((r.name for r in RELEASES.values() if r.folder == folder), None)
+    return named if named and LAYOUTS[named].ratings == LAYOUTS[detected].ratings else detected
+
+
+def _detect_layout(path: Path) -> str:
+    """The format from the files present (ml-1m and ml-10m share a layout, as do ml-20m and later)."""
     candidates = [path / name for name in ("u.data", "ratings.dat", "ratings.csv")] if path.is_dir() else [path]
     for candidate in candidates:
         if not candidate.is_file():
@@ -196,11 +209,14 @@ def _read_generic_csv(path: Path, backend: Backend, columns: ColumnNames, partit
         if len(found) != 1:
             raise EtlError(f"{path} holds {len(found)} CSV files; pass the one to read as --input")
         path = found[0]
-    wanted = _wanted(columns, _csv_header(path), path)
-    # Timestamps may be written as floats; ids must parse as integers.
+    header = _csv_header(path)
+    wanted = _wanted(columns, header, path)
+    # Timestamps may be written as floats; ids must parse as integers. Every column is read
+    # (other columns as text): with usecols pandas silently drops a malformed line's extra fields.
     dtypes = {USER: "int64", ITEM: "int64", TIME: "float64", RATING: "float64"}
-    ddf = backend.dd.read_csv(str(path), sep=",", header=0, usecols=list(wanted),
-                              dtype={src: dtypes[dst] for src, dst in wanted.items()}, blocksize=partition_size)
+    ddf = backend.dd.read_csv(str(path), sep=",", header=0,
+                              dtype={src: dtypes[wanted[src]] if src in wanted else "object" for src in header},
+                              blocksize=partition_size)
     ddf = ddf.rename(columns=wanted)
     ddf[TIME] = ddf[TIME].astype("int64")
     return RawLog(ddf[list(dict.fromkeys([USER, ITEM, TIME, *wanted.values()]))], None, "csv", path)
@@ -210,30 +226,45 @@ def _read_generic_parquet(path: Path, backend: Backend, columns: ColumnNames, pa
     files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
     if not files:
         raise EtlError(f"{path} holds no .parquet files")
-    try:
-        import pyarrow.parquet as pq
-
-        schema = pq.read_schema(files[0])
-    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for unreadable files
-        raise EtlError(f"{files[0]} is not a readable parquet file: {one_line(exc)}") from None
-    wanted = _wanted(columns, schema.names, path)
+    schemas = {f: _parquet_schema(f) for f in files}
+    wanted = _wanted(columns, schemas[files[0]].names, path)
+    # Dask takes the dtypes from the first file and casts the others: check each file's own
+    # column types, so that a later file's 1001.5 is refused instead of truncated to 1001.
+    for f, schema in schemas.items():
+        _check_parquet_types(f, schema, wanted)
     ddf = backend.dd.read_parquet([str(f) for f in files], columns=list(wanted), split_row_groups="infer",
                                   blocksize=partition_size)
     ddf = ddf.rename(columns=wanted)
-    for col in (USER, ITEM):
-        if not pd.api.types.is_integer_dtype(ddf[col].dtype):
-            raise EtlError(f"column {_source(wanted, col)!r} of {path} holds {ddf[col].dtype} values; ids must be integers")
+    for col in (USER, ITEM):  # integer in every file (checked above)
         ddf[col] = ddf[col].astype("int64")
     if pd.api.types.is_datetime64_any_dtype(ddf[TIME].dtype):
         ddf[TIME] = ddf[TIME].astype("datetime64[ns]").astype("int64") // 1_000_000_000
-    elif pd.api.types.is_numeric_dtype(ddf[TIME].dtype):
-        ddf[TIME] = ddf[TIME].astype("int64")
     else:
-        raise EtlError(f"column {_source(wanted, TIME)!r} of {path} holds {ddf[TIME].dtype} values; timestamps must be numbers or datetimes")
+        ddf[TIME] = ddf[TIME].astype("int64")
     if RATING in ddf.columns:
         ddf[RATING] = ddf[RATING].astype("float64")
     return RawLog(ddf[list(dict.fromkeys([USER, ITEM, TIME, *wanted.values()]))], None, "parquet", path)
 
 
-def _source(wanted: dict[str, str], canonical: str) -> str:
-    return next(src for src, dst in wanted.items() if dst == canonical)
+def _parquet_schema(path: Path):
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_schema(path)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for unreadable files
+        raise EtlError(f"{path} is not a readable parquet file: {one_line(exc)}") from None
+
+
+def _check_parquet_types(path: Path, schema, wanted: dict[str, str]) -> None:
+    import pyarrow as pa
+
+    missing = [c for c in wanted if c not in schema.names]
+    if missing:
+        raise EtlError(f"{path} lacks column(s) {', '.join(missing)} (has: {', '.join(schema.names)})")
+    for src, dst in wanted.items():
+        kind = schema.field(src).type
+        if dst in (USER, ITEM) and not pa.types.is_integer(kind):
+            raise EtlError(f"column {src!r} of {path} holds {kind} values; ids must be integers")
+        if dst == TIME and not (pa.types.is_integer(kind) or pa.types.is_floating(kind)
+                                or pa.types.is_timestamp(kind)):
+            raise EtlError(f"column {src!r} of {path} holds {kind} values; timestamps must be numbers or datetimes")

@@ -8,7 +8,8 @@ from pathlib import Path
 import dask
 
 from workflows.cluster import Backend
-from workflows.graph import FLAGGED, INTERACTION, PAIR, holdout_flag, select_holdout
+from workflows.graph import FLAGGED, INTERACTION, ORDER_KEY, PAIR, holdout_flag, select_holdout
+from workflows.readers import TIME
 
 
 def to_dataset(ddf, backend: Backend):
@@ -43,11 +44,58 @@ def read_parquet(path: Path, backend: Backend, columns: list[str]):
     return backend.dd.read_parquet(non_empty, columns=columns)
 
 
-def split_latest(interactions: Path, item_cardinality: int, work_dir: Path, name: str,
-                 backend: Backend) -> tuple[Path, Path]:
+def read_ordered(raw: Path, backend: Backend, columns: list[str], first_time: int, n_rows: int):
+    """A raw log (parquet files in reading order) with ORDER_KEY = (timestamp - first_time) *
+    n_rows + position, the row's number in the input, in place of the timestamp.
+
+    Hand-written: NVTabular has no row-number op and a partition does not know its offset. The
+    files' footers give each one's offset, so the key is the same whatever the partitioning.
+    """
+    import pyarrow.parquet as pq
+    from dask.dataframe import from_map
+
+    files = parquet_files(raw)
+    counts = [pq.ParquetFile(f).metadata.num_rows for f in files]
+    offsets = [sum(counts[:i]) for i in range(len(files))]
+    parts = [(str(f), offset) for f, offset, count in zip(files, offsets, counts) if count] or [(str(files[0]), 0)]
+    wanted = [c for c in columns if c != ORDER_KEY]
+    xp = backend.xp
+
+    def load(part):
+        path, offset = part
+        frame = backend.df.read_parquet(path, columns=list(dict.fromkeys(wanted + [TIME])))
+        frame[ORDER_KEY] = (frame[TIME] - first_time) * n_rows + xp.arange(offset, offset + len(frame), dtype="int64")
+        return frame[columns]
+
+    return from_map(load, parts)
+
+
+def read_balanced(path: Path, backend: Backend, columns: list[str], n_parts: int):
+    """An intermediate result's rows in order as `n_parts` partitions of equal size (to a row):
+    the same partitions whatever its files' sizes, so the files written from them do not depend
+    on --partition-size or the worker count. Hand-written: Dask repartitions only by index."""
+    import pyarrow.parquet as pq
+    from dask.dataframe import from_map
+
+    files = parquet_files(path)
+    counts = [pq.ParquetFile(f).metadata.num_rows for f in files]
+    starts = [sum(counts[:i]) for i in range(len(files))]
+    bounds = [sum(counts) * k // n_parts for k in range(n_parts + 1)]
+    meta = backend.df.read_parquet(str(files[0]), columns=columns).iloc[:0]
+
+    def load(rows):
+        low, high = rows
+        pieces = [backend.df.read_parquet(str(f), columns=columns).iloc[max(low - start, 0):high - start]
+                  for f, start, count in zip(files, starts, counts) if start < high and start + count > low]
+        return backend.df.concat(pieces, ignore_index=True) if pieces else meta
+
+    return from_map(load, list(zip(bounds[:-1], bounds[1:])), meta=meta)
+
+
+def split_latest(interactions: Path, work_dir: Path, name: str, backend: Backend) -> tuple[Path, Path]:
     """Write `name`_positives (user, item: one per eligible user) and `name`_rest (the other
-    rows, with timestamps) under work_dir; returns their paths."""
-    flagger = holdout_flag(item_cardinality, work_dir / f"{name}_stats")
+    rows, with order keys) under work_dir; returns their paths."""
+    flagger = holdout_flag(work_dir / f"{name}_stats")
     source = to_dataset(read_parquet(interactions, backend, INTERACTION), backend)
     flagger.fit(source)
     # Materialised once: both selections below read it instead of redoing the groupby join.

@@ -28,8 +28,8 @@ import pyarrow.parquet as pq
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from workflows.atomic import atomic_directory
-from workflows.errors import EtlError, OneLineArgumentParser, exit_with
+from workflows.atomic import atomic_directory, check_replaceable
+from workflows.errors import EtlError, OneLineArgumentParser, UserError, exit_with
 from workflows.readers import LAYOUTS, ML100K_GENRES
 
 GENRES = ML100K_GENRES[1:]
@@ -290,12 +290,18 @@ def _write_movies(path: Path, fmt: str, items: pd.DataFrame) -> None:
         items.rename(columns={"raw_item_id": "movieId"}).to_csv(path, index=False)
 
 
-def generate(output: str | Path, spec: SyntheticSpec, fmt: str, progress: bool = True) -> dict:
-    """Generate and write atomically; returns a summary (rows, files)."""
+KIND = "synthetic"
+
+
+def generate(output: str | Path, spec: SyntheticSpec, fmt: str, progress: bool = True,
+             overwrite: bool = False) -> dict:
+    """Generate and write atomically; returns a summary (rows, files). Refuses to replace a
+    non-empty `output` this command did not write unless `overwrite`."""
     if fmt not in OUTPUT_FORMATS:
         raise EtlError(f"unknown format {fmt!r}; choose one of {', '.join(OUTPUT_FORMATS)}")
+    check_replaceable(output, KIND, overwrite=overwrite)
     generator = Generator(spec)
-    with atomic_directory(output) as tmp:
+    with atomic_directory(output, kind=KIND) as tmp:
         summary = write_release(tmp, fmt, generator, progress)
     return {"format": fmt, "users": spec.users, "items": spec.items, "seed": spec.seed, **summary}
 
@@ -304,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--output", required=True, help="directory to write (replaced atomically)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --output even if it is a non-empty directory this command did not write")
     parser.add_argument("--preset", choices=sorted(PRESETS),
                         help="size and format of a MovieLens release (or 'demo'/'tiny'); options below override it")
     parser.add_argument("--interactions", type=int, help="number of interactions (default: preset's, else 100000)")
@@ -323,8 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     spec = SyntheticSpec(interactions=args.interactions or preset.interactions, users=args.users or preset.users,
                          items=args.items or preset.items, seed=args.seed, dim=args.dim)
     try:
-        summary = generate(args.output, spec, args.format or preset.format, progress=not args.quiet)
-    except EtlError as exc:
+        summary = generate(args.output, spec, args.format or preset.format, progress=not args.quiet,
+                           overwrite=args.overwrite)
+    except UserError as exc:
         exit_with(exc, parser.prog)
     print(f"wrote {summary['interactions']:,} interactions ({summary['users']:,} users, {summary['items']:,} items, "
           f"{summary['format']}) to {args.output}")
