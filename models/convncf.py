@@ -90,15 +90,18 @@ class ConvNCF(Recommender):
 
     def patch_layers(self, user: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         p, q = self.user_embedding(user), self.item_embedding(items)  # [B, E], [B, C, E]
-        size = q.shape[-1]
+        size = self.config["embedding_size"]  # static sizes: tracing would turn shapes into tensors
         bits = size.bit_length() - 1
         grid = torch.einsum("be,bcf->bcef", p, q).reshape(-1, *(2,) * (2 * bits))  # row bits, column bits
         zorder = [0] + [d for level in range(bits) for d in (1 + level, 1 + bits + level)]
         hidden = grid.permute(zorder).reshape(-1, size * size, 1)  # [pairs, positions in Z-order, channels]
+        positions, channels = size * size, 1
         for conv in self.convs:
             patch = conv.stride[0] ** 2
-            hidden = hidden.reshape(hidden.shape[0], hidden.shape[1] // patch, patch * hidden.shape[2])
-            hidden = F.relu(F.linear(hidden, zorder_weight(conv.weight), conv.bias))
+            positions //= patch
+            hidden = hidden.reshape(-1, positions, patch * channels)
+            hidden = F.relu(F.linear(hidden, zorder_weight(conv), conv.bias))
+            channels = conv.out_channels
         return hidden.flatten(1)
 
     def reg_loss(self) -> torch.Tensor:
@@ -140,10 +143,10 @@ def is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-def zorder_weight(weight: torch.Tensor) -> torch.Tensor:
+def zorder_weight(conv: nn.Conv2d) -> torch.Tensor:
     """A k x k conv weight [out, in, k, k] as a Linear weight [out, k * k * in] over a patch
     stored in Z-order (row bit before column bit at each level, coarsest first), channels last."""
-    out, channels, k, _ = weight.shape
+    weight, out, channels, k = conv.weight, conv.out_channels, conv.in_channels, conv.stride[0]
     bits = k.bit_length() - 1
     split = weight.reshape(out, channels, *(2,) * (2 * bits))  # row bits then column bits, coarsest first
     order = [0] + [d for level in range(bits) for d in (2 + level, 2 + bits + level)] + [1]
