@@ -49,6 +49,15 @@ class Toy(Recommender):
         return cls(data.num_users, data.num_items, factors=args.factors)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: a second intra-op thread only adds synchronisation (40x slower on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def with_toy(monkeypatch):
     monkeypatch.setitem(registry.MODELS, "toy", Toy)  # the one registry line
