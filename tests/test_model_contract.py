@@ -256,3 +256,23 @@ def test_each_model_learns_planted_taste_clusters_beyond_popularity(name):
     baseline = hit_rate_at_5(popularity, users, items, held_out)
     assert baseline < 0.45
     assert learned >= max(0.7, baseline + 0.3), (learned, baseline)
+
+
+@pytest.mark.parametrize("name", list(registry.MODELS))
+def test_hub_entry_builds_fresh_models_and_loads_their_checkpoints(name, tmp_path):
+    from models import checkpoint as ckpt
+
+    repo = str(__import__("pathlib").Path(__file__).resolve().parents[1])
+    extra = {"interactions": interactions()} if registry.model_class(name).needs_interactions else {}
+    fresh = torch.hub.load(repo, name, source="local", nb_users=USERS, nb_items=ITEMS, **extra)
+    assert registry.model_name(fresh) == name
+    path = tmp_path / "best.pt"
+    ckpt.save_atomic({"format": ckpt.FORMAT, "model": {"name": name, "config": fresh.config,
+                                                        "state": fresh.state_dict()}}, path)
+    loaded = torch.hub.load(repo, name, source="local", checkpoint=str(path))
+    user, items = torch.arange(4), torch.randint(0, ITEMS, (4, 3))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.score(user, items), fresh.eval().score(user, items))
+    other = "convncf" if name != "convncf" else "gmf"
+    with pytest.raises(ValueError, match=f"holds a {name} model"):
+        torch.hub.load(repo, other, source="local", checkpoint=str(path))
