@@ -114,8 +114,13 @@ class MultVAE(Recommender):
         return nll + self.kl_weight(step) * kl
 
     def score_all(self, user: torch.Tensor) -> torch.Tensor:
-        """Decoder logits of the posterior mean: log_softmax would only shift each row."""
-        mu, _ = self.encode(self.rows(user))
+        return self.score_rows(self.rows(user))
+
+    def score_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Scores of every item for given 0/1 rows [B, nb_items], e.g. the fold-in part of
+        held-out users (the paper's protocol): decoder logits of the posterior mean
+        (log_softmax would only shift each row)."""
+        mu, _ = self.encode(rows)
         return self.decode(mu)
 
     def score(self, user: torch.Tensor, items: torch.Tensor) -> torch.Tensor:

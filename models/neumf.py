@@ -2,7 +2,9 @@
 
 Dropout in the MLP follows NVIDIA DeepLearningExamples' PyTorch NCF. `variant` picks the
 full model or one branch alone (GMF-only, MLP-only), which the paper pre-trains and then
-combines with `NeuMF.from_pretrained`.
+combines with `NeuMF.from_pretrained`; `GMF` and `MLP` are those branches as models of their
+own (`--model gmf|mlp`), with the same state_dict. All follow models/contract.py: pointwise,
+BCE-with-logits loss, score() = forward().
 
 forward(user [B], item [B] or [B, K]) returns logits [B] or [B, K]. With [B, K] candidates
 the user's embeddings and the user half of the first MLP layer are computed once per row,

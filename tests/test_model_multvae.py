@@ -76,3 +76,12 @@ def test_scoring_is_deterministic_in_eval_and_sampling_in_training():
     model.train()
     batch = UserRowsBatch(user)
     assert model.loss(batch, step=0) != model.loss(batch, step=0)  # reparameterisation noise, dropout
+
+
+def test_fold_in_rows_score_like_a_stored_user():
+    torch.manual_seed(0)
+    model = MultVAE.from_interactions(np.array([0, 0, 1]), np.array([3, 5, 2]), 2, 8, hidden=16, latent=4).eval()
+    unseen_user = torch.zeros(1, 8)
+    unseen_user[0, [3, 5]] = 1  # the same history as user 0, given as a row
+    with torch.no_grad():
+        torch.testing.assert_close(model.score_rows(unseen_user), model.score_all(torch.tensor([0])))
