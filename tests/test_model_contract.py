@@ -276,3 +276,29 @@ def test_hub_entry_builds_fresh_models_and_loads_their_checkpoints(name, tmp_pat
     other = "convncf" if name != "convncf" else "gmf"
     with pytest.raises(ValueError, match=f"holds a {name} model"):
         torch.hub.load(repo, other, source="local", checkpoint=str(path))
+
+
+@pytest.mark.parametrize("name", ["neumf", "convncf", "multvae"])  # one model per input_type
+def test_objective_under_ddp_gives_the_models_own_gradients(name, tmp_path):
+    """The trainer wraps Objective(model), not the model, in DDP: loss() then runs through
+    DDP's forward, which is what makes DDP synchronise gradients (1-process gloo here)."""
+    import torch.distributed as dist
+
+    from models.contract import Objective
+
+    users, items, _ = planted()
+    args = model_parser(name).parse_args(SMALL[name])
+    torch.manual_seed(0)
+    model = registry.model_class(name).from_args(args, DataFacts(50, 40, interactions=(users, items))).eval()
+    batch = next(batches(model, torch.as_tensor(users), torch.as_tensor(items), torch.Generator().manual_seed(0)))
+    model.loss(batch, step=3).backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(Objective(model), broadcast_buffers=False)
+        ddp(batch, step=3).backward()
+    finally:
+        dist.destroy_process_group()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[n], msg=n)

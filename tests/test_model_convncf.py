@@ -22,6 +22,7 @@ def recbole_forward(model: ConvNCF, user: torch.Tensor, item: torch.Tensor) -> t
 def test_candidate_lists_score_like_recboles_pairs(config):
     torch.manual_seed(0)
     model = ConvNCF(20, 30, **config).eval()
+    assert model.split_first == (config.get("cnn_kernels", [2])[0] == config.get("cnn_strides", [2])[0])
     user, items = torch.randint(0, 20, (5,)), torch.randint(0, 30, (5, 7))
     with torch.no_grad():
         expected = recbole_forward(model, user.repeat_interleave(7), items.reshape(-1)).view(5, 7)
