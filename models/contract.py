@@ -17,7 +17,8 @@ A model is a `Recommender` subclass that declares
   `nb_items`, so `registry.build_model(name, config)` rebuilds it for checkpoints and the hub;
 - `add_arguments(group)`, `check_arguments(args)`, `from_args(args, data)`: its command-line
   options and how they (plus `DataFacts`) build it; `needs_interactions` says that `from_args`
-  wants the training (user, item) pairs in `DataFacts.interactions`.
+  wants the training (user, item) pairs in `DataFacts.interactions`; `train_defaults`: the
+  training options (TrainOptions fields) its paper or reference uses, for the CLI's defaults.
 Adding a model: one subclass and one line in models/registry.py.
 """
 
@@ -91,6 +92,7 @@ class Recommender(nn.Module):
     input_type: ClassVar[str]
     output: ClassVar[str] = "score"
     needs_interactions: ClassVar[bool] = False
+    train_defaults: ClassVar[dict] = {}
     score_all_chunk: ClassVar[int] = 2**20  # (user, item) pairs per score() call in score_all
     config: dict
 

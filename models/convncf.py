@@ -32,6 +32,8 @@ from models.contract import DataFacts, PairwiseBatch, Recommender, positive_int
 
 class ConvNCF(Recommender):
     input_type = "pairwise"
+    # RecBole's: Adam lr 1e-3 (default betas), 2,048 triples (4,096 scored pairs) per batch.
+    train_defaults = dict(batch_size=4096, lr=1e-3, beta1=0.9, beta2=0.999)
 
     def __init__(self, nb_users: int, nb_items: int, embedding_size: int = 64,
                  cnn_channels: tuple[int, ...] | list[int] = (32,) * 6,

@@ -41,6 +41,8 @@ def csr_rows(users, items, nb_users: int, nb_items: int) -> tuple[torch.Tensor, 
 class MultVAE(Recommender):
     input_type = "user_rows"
     needs_interactions = True
+    # The paper's code: Adam (torch's default betas), lr 1e-3, 500 users per batch.
+    train_defaults = dict(batch_size=500, lr=1e-3, beta1=0.9, beta2=0.999)
 
     def __init__(self, nb_users: int, nb_items: int, nnz: int = 0, hidden: int = 600, latent: int = 200,
                  dropout: float = 0.5, anneal_cap: float = 0.2, total_anneal_steps: int = 200_000):

@@ -302,3 +302,14 @@ def test_objective_under_ddp_gives_the_models_own_gradients(name, tmp_path):
         dist.destroy_process_group()
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[n], msg=n)
+
+
+def test_train_defaults_name_training_options():
+    from dataclasses import fields
+
+    from models.trainer import TrainOptions
+
+    options = {f.name for f in fields(TrainOptions)}
+    for name, cls in registry.MODELS.items():
+        assert set(cls.train_defaults) <= options, name
+    assert registry.MODELS["multvae"].train_defaults["batch_size"] == 500
