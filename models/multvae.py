@@ -26,16 +26,18 @@ from models.contract import DataFacts, Recommender, UserRowsBatch, positive_int
 def csr_rows(users, items, nb_users: int, nb_items: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(indptr [nb_users + 1], indices [nnz]) int64 of the user x item matrix of the given
     pairs (numpy or torch), duplicates merged, each row's items sorted."""
-    users = torch.as_tensor(np.asarray(users), dtype=torch.int64).reshape(-1)
-    items = torch.as_tensor(np.asarray(items), dtype=torch.int64).reshape(-1)
+    users = torch.tensor(np.asarray(users), dtype=torch.int64).reshape(-1)  # a copy: inputs may be read-only
+    items = torch.tensor(np.asarray(items), dtype=torch.int64).reshape(-1)
     if users.shape != items.shape:
         raise ValueError(f"{users.numel()} users but {items.numel()} items")
     if users.numel() and (int(users.min()) < 0 or int(users.max()) >= nb_users
                           or int(items.min()) < 0 or int(items.max()) >= nb_items):
         raise ValueError(f"ids outside {nb_users} users x {nb_items} items")
-    matrix = torch.sparse_coo_tensor(torch.stack([users, items]), torch.ones(users.numel()),
-                                     (nb_users, nb_items)).coalesce().to_sparse_csr()
-    return matrix.crow_indices().to(torch.int64), matrix.col_indices().to(torch.int64)
+    # Sorted unique (user, item) keys give CSR's order directly (torch's sparse CSR is beta).
+    keys = torch.unique(users * nb_items + items)
+    counts = torch.bincount(keys // nb_items, minlength=nb_users)
+    indptr = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+    return indptr, keys % nb_items
 
 
 class MultVAE(Recommender):
