@@ -43,7 +43,8 @@ class ConvNCF(Recommender):
                  cnn_strides: tuple[int, ...] | list[int] = (2,) * 6,
                  dropout: float = 0.2, reg_weights: tuple[float, float] | list[float] = (0.1, 0.1)):
         super().__init__()
-        cnn_channels, cnn_kernels, cnn_strides = ([int(v) for v in values] for values in (cnn_channels, cnn_kernels, cnn_strides))
+        cnn_channels, cnn_kernels, cnn_strides = (
+            [int(v) for v in values] for values in (cnn_channels, cnn_kernels, cnn_strides))
         if nb_users < 1 or nb_items < 1:
             raise ValueError("nb_users and nb_items must be positive")
         if not len(cnn_channels) == len(cnn_kernels) == len(cnn_strides) >= 1:
@@ -111,9 +112,12 @@ class ConvNCF(Recommender):
     @classmethod
     def add_arguments(cls, group) -> None:
         group.add_argument("--embedding-size", type=positive_int, default=64, help="user and item embedding size")
-        group.add_argument("--cnn-channels", type=positive_int, nargs="+", default=[32] * 6, help="channels per convolution")
-        group.add_argument("--cnn-kernels", type=positive_int, nargs="+", default=[2] * 6, help="kernel size per convolution")
-        group.add_argument("--cnn-strides", type=positive_int, nargs="+", default=[2] * 6, help="stride per convolution")
+        group.add_argument("--cnn-channels", type=positive_int, nargs="+", default=[32] * 6,
+                           help="channels per convolution")
+        group.add_argument("--cnn-kernels", type=positive_int, nargs="+", default=[2] * 6,
+                           help="kernel size per convolution")
+        group.add_argument("--cnn-strides", type=positive_int, nargs="+", default=[2] * 6,
+                           help="stride per convolution")
         group.add_argument("--dropout", type=float, default=0.2, help="dropout before the prediction layer")
         group.add_argument("--reg-weights", type=float, nargs=2, default=[0.1, 0.1],
                            help="L2 weights of the embedding tables and of the layer weights (RecBole's)")

@@ -1,4 +1,5 @@
-"""ConvNCF: scoring candidate lists equals RecBole's per-pair forward, the loss is RecBole's BPR sum plus its L2 term, and bf16 autocast stays close to fp32."""
+"""ConvNCF: scoring candidate lists equals RecBole's per-pair forward, the loss is RecBole's
+BPR sum plus its L2 term, and bf16 autocast stays close to fp32."""
 
 import pytest
 import torch
