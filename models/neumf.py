@@ -2,7 +2,9 @@
 
 Dropout in the MLP follows NVIDIA DeepLearningExamples' PyTorch NCF. `variant` picks the
 full model or one branch alone (GMF-only, MLP-only), which the paper pre-trains and then
-combines with `NeuMF.from_pretrained`.
+combines with `NeuMF.from_pretrained`; `GMF` and `MLP` are those branches as models of their
+own (`--model gmf|mlp`), with the same state_dict. All follow models/contract.py: pointwise,
+BCE-with-logits loss, score() = forward().
 
 forward(user [B], item [B] or [B, K]) returns logits [B] or [B, K]. With [B, K] candidates
 the user's embeddings and the user half of the first MLP layer are computed once per row,
@@ -13,17 +15,24 @@ candidates of an evaluation list, share their user.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from models.contract import DataFacts, PointwiseBatch, Recommender, positive_int
 from models.layers import DenseReluDropout, mlp_tower
 
 VARIANTS = ("neumf", "gmf", "mlp")
 
 
-class NeuMF(nn.Module):
+class NeuMF(Recommender):
+    """Pointwise: BCE with logits over each row's positive and sampled negatives."""
+
+    input_type = "pointwise"
+    output = "logit"
+
     def __init__(
         self,
         nb_users: int,
@@ -39,6 +48,7 @@ class NeuMF(nn.Module):
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         if nb_users < 1 or nb_items < 1:
             raise ValueError("nb_users and nb_items must be positive")
+        self.variant = variant
         self.use_gmf = variant in ("neumf", "gmf")
         self.use_mlp = variant in ("neumf", "mlp")
         if self.use_mlp and (len(mlp_layers) < 2 or mlp_layers[0] % 2):
@@ -97,12 +107,59 @@ class NeuMF(nn.Module):
             logits = logits + F.linear(hidden, weight.unsqueeze(0)).squeeze(2)
         return logits.squeeze(1) if flat else logits
 
+    def score(self, user: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        return self.forward(user, items)
+
+    def loss(self, batch: PointwiseBatch, *, step: int) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(self.forward(batch.user, batch.item).float(), batch.label)
+
+    @classmethod
+    def add_arguments(cls, group) -> None:
+        group.add_argument("--variant", choices=VARIANTS, default="neumf",
+                           help="the full NeuMF, or its GMF-only / MLP-only branch (same as --model gmf / mlp)")
+        add_gmf_arguments(group)
+        add_mlp_arguments(group)
+        group.add_argument("--pretrained-gmf", type=Path, help="GMF-only checkpoint to initialise NeuMF from")
+        group.add_argument("--pretrained-mlp", type=Path, help="MLP-only checkpoint to initialise NeuMF from")
+        group.add_argument("--alpha", type=float, default=0.5, help="weight of GMF's output layer with pre-training")
+
+    @classmethod
+    def check_arguments(cls, args) -> None:
+        if (args.pretrained_gmf is None) != (args.pretrained_mlp is None):
+            raise ValueError("pre-training needs both --pretrained-gmf and --pretrained-mlp")
+        if args.pretrained_gmf is not None and (args.variant != "neumf" or getattr(args, "resume", False)):
+            raise ValueError("--pretrained-gmf/--pretrained-mlp initialise a new --variant neumf run (not with --resume)")
+        if not 0.0 <= args.alpha <= 1.0:
+            raise ValueError(f"--alpha must be in [0, 1], got {args.alpha}")
+        check_mlp_arguments(args, needs_mlp=args.variant != "gmf")
+
+    @classmethod
+    def from_args(cls, args, data: DataFacts) -> "NeuMF":
+        if args.pretrained_gmf is None:
+            return cls(data.num_users, data.num_items, mf_dim=args.factors, mlp_layers=args.mlp_layers,
+                       dropout=args.dropout, variant=args.variant)
+        from models import checkpoint as ckpt  # checkpoint -> registry -> neumf: import when used
+        from models.errors import TrainingError
+
+        branches = []
+        for path in (args.pretrained_gmf, args.pretrained_mlp):
+            branch = ckpt.model_from(ckpt.load(path), path)
+            shape = (branch.config.get("nb_users"), branch.config.get("nb_items"))
+            if shape != (data.num_users, data.num_items):
+                raise TrainingError(f"checkpoint {path} is for {shape[0]} users x {shape[1]} items, "
+                                    f"the data has {data.num_users} x {data.num_items}")
+            branches.append(branch)
+        try:
+            return cls.from_pretrained(*branches, alpha=args.alpha, dropout=args.dropout)
+        except ValueError as exc:
+            raise TrainingError(f"pre-training: {exc}") from None
+
     @classmethod
     def from_pretrained(cls, gmf: "NeuMF", mlp: "NeuMF", alpha: float = 0.5, dropout: float | None = None) -> "NeuMF":
         """NeuMF initialised from a trained GMF-only and MLP-only model (the paper's
         pre-training). The output layer concatenates alpha * GMF's and (1 - alpha) * MLP's,
         so the new model's logit is alpha * gmf_logit + (1 - alpha) * mlp_logit."""
-        if gmf.config["variant"] != "gmf" or mlp.config["variant"] != "mlp":
+        if getattr(gmf, "variant", None) != "gmf" or getattr(mlp, "variant", None) != "mlp":
             raise ValueError("from_pretrained needs a GMF-only and an MLP-only model")
         for key in ("nb_users", "nb_items"):
             if gmf.config[key] != mlp.config[key]:
@@ -121,3 +178,63 @@ class NeuMF(nn.Module):
         own["final.bias"] = (alpha * gmf.final.bias + (1 - alpha) * mlp.final.bias).detach()
         model.load_state_dict(own)
         return model
+
+
+class GMF(NeuMF):
+    """NeuMF's GMF branch alone (`--model gmf`): the same module and state_dict as
+    NeuMF(variant="gmf"), with only the options that branch uses."""
+
+    def __init__(self, nb_users: int, nb_items: int, mf_dim: int = 64):
+        super().__init__(nb_users, nb_items, mf_dim=mf_dim, variant="gmf")
+        self.config = dict(nb_users=int(nb_users), nb_items=int(nb_items), mf_dim=int(mf_dim))
+
+    @classmethod
+    def add_arguments(cls, group) -> None:
+        add_gmf_arguments(group)
+
+    @classmethod
+    def check_arguments(cls, args) -> None:
+        pass
+
+    @classmethod
+    def from_args(cls, args, data: DataFacts) -> "GMF":
+        return cls(data.num_users, data.num_items, mf_dim=args.factors)
+
+
+class MLP(NeuMF):
+    """NeuMF's MLP branch alone (`--model mlp`), like GMF above."""
+
+    def __init__(self, nb_users: int, nb_items: int, mlp_layers: tuple[int, ...] | list[int] = (256, 256, 128, 64),
+                 dropout: float = 0.5):
+        super().__init__(nb_users, nb_items, mlp_layers=mlp_layers, dropout=dropout, variant="mlp")
+        self.config = dict(nb_users=int(nb_users), nb_items=int(nb_items),
+                           mlp_layers=[int(w) for w in mlp_layers], dropout=float(dropout))
+
+    @classmethod
+    def add_arguments(cls, group) -> None:
+        add_mlp_arguments(group)
+
+    @classmethod
+    def check_arguments(cls, args) -> None:
+        check_mlp_arguments(args, needs_mlp=True)
+
+    @classmethod
+    def from_args(cls, args, data: DataFacts) -> "MLP":
+        return cls(data.num_users, data.num_items, mlp_layers=args.mlp_layers, dropout=args.dropout)
+
+
+def add_gmf_arguments(group) -> None:
+    group.add_argument("--factors", type=positive_int, default=64, help="GMF embedding size")
+
+
+def add_mlp_arguments(group) -> None:
+    group.add_argument("--mlp-layers", type=positive_int, nargs="+", default=[256, 256, 128, 64],
+                       help="MLP widths, the first being user + item embedding sizes (NVIDIA's notation)")
+    group.add_argument("--dropout", type=float, default=0.5, help="dropout after each MLP layer")
+
+
+def check_mlp_arguments(args, needs_mlp: bool) -> None:
+    if not 0.0 <= args.dropout < 1.0:
+        raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if needs_mlp and (len(args.mlp_layers) < 2 or args.mlp_layers[0] % 2):
+        raise ValueError("--mlp-layers needs an even first width (user + item embeddings) and at least one layer")

@@ -1,22 +1,34 @@
-"""Model names -> classes, so checkpoints, the hub entry and export rebuild any model from
-its config (a dict of constructor arguments). New models register here."""
+"""Model names -> classes (models.contract.Recommender subclasses), so the CLI's --model,
+checkpoints, the hub entry and export build or rebuild any model from its name and config
+(a dict of constructor arguments). A new model is one line here."""
 
 from __future__ import annotations
 
-from torch import nn
+from models.contract import Recommender
+from models.convncf import ConvNCF
+from models.multvae import MultVAE
+from models.neumf import GMF, MLP, NeuMF
 
-from models.neumf import NeuMF
+MODELS: dict[str, type[Recommender]] = {
+    "neumf": NeuMF,
+    "gmf": GMF,
+    "mlp": MLP,
+    "multvae": MultVAE,
+    "convncf": ConvNCF,
+}
 
-MODELS: dict[str, type[nn.Module]] = {"neumf": NeuMF}
 
-
-def build_model(name: str, config: dict) -> nn.Module:
+def model_class(name: str) -> type[Recommender]:
     if name not in MODELS:
         raise KeyError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
-    return MODELS[name](**config)
+    return MODELS[name]
 
 
-def model_name(model: nn.Module) -> str:
+def build_model(name: str, config: dict) -> Recommender:
+    return model_class(name)(**config)
+
+
+def model_name(model: Recommender) -> str:
     for name, cls in MODELS.items():
         if type(model) is cls:
             return name
