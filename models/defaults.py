@@ -32,7 +32,7 @@ def resolve(args: argparse.Namespace, train_rows: int) -> dict:
         "batch_size": batch,
         # NVIDIA's lr and betas are tuned for 2^20-sample steps; small batches train better with
         # Adam's usual betas (RecBole's settings).
-        "lr": 0.0045 if large else 0.001,
+        "lr": 0.0045 if large else 0.003,
         "beta1": 0.25 if large else 0.9,
         "beta2": 0.5 if large else 0.999,
         "epochs": 30,

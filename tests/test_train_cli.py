@@ -450,13 +450,14 @@ def test_a_non_finite_validation_hit_rate_is_never_best(planted, tmp_path):
     from models.neumf import NeuMF
     from models.trainer import Trainer, TrainOptions
 
-    class NanEvaluation(Trainer):  # the bookkeeping under test is fit's, not the metric's
+    class NonFiniteEvaluation(Trainer):  # the bookkeeping under test is fit's, not the metric's
         def evaluate(self, candidates):
-            return float("nan"), float("nan"), 1.0
+            value = float("nan") if self.state.epoch == 0 else float("inf")
+            return value, value, 1.0
 
     data = open_etl(planted)
     model = NeuMF(data.num_users, data.num_items, mf_dim=8, mlp_layers=[16, 16, 8], dropout=0.0)
-    trainer = NanEvaluation(model, data, TrainOptions(epochs=2, batch_size=3000, progress=False),
+    trainer = NonFiniteEvaluation(model, data, TrainOptions(epochs=2, batch_size=3000, progress=False),
                             torch.device("cpu"), run_dir=tmp_path)
     state = trainer.fit(load_candidates(data, "test"), "test")
     assert state.epoch == 2 and state.best_epoch == -1
