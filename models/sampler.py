@@ -66,20 +66,23 @@ class NegativeSampler:
         return items, self.labels(rows, positives.device)
 
     def is_seen(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """Boolean mask: (users[:, None], items) is a training pair."""
-        keys = users.long().unsqueeze(1) * self.high + items.long()
+        """Boolean mask: (users[:, None], items) is a training pair (users [B], items [B, N]);
+        or (users, items) element-wise when both are 1-d."""
+        keys = (users.long().unsqueeze(1) if items.dim() == 2 else users.long()) * self.high + items.long()
         where = torch.searchsorted(self.seen, keys).clamp_(max=len(self.seen) - 1)
         return self.seen[where] == keys
 
     def _redraw_seen(self, items: torch.Tensor, users: torch.Tensor, generator: torch.Generator) -> None:
-        negatives = items[:, 1:]  # a view: redraws land in `items`
-        for _ in range(MAX_REDRAWS):
-            hit = self.is_seen(users, negatives)
-            count = int(hit.sum())
-            if count == 0:
-                return
-            negatives[hit] = torch.randint(self.low, self.high, (count,), generator=generator,
-                                           device=items.device, dtype=items.dtype)
+        negatives = items[:, 1:]
+        rows, cols = self.is_seen(users, negatives).nonzero(as_tuple=True)
+        for _ in range(MAX_REDRAWS):  # later rounds look only at the draws just redrawn
+            if len(rows) == 0:
+                break
+            fresh = torch.randint(self.low, self.high, (len(rows),), generator=generator,
+                                  device=items.device, dtype=items.dtype)
+            still = self.is_seen(users[rows], fresh)
+            negatives[rows, cols] = fresh
+            rows, cols = rows[still], cols[still]
 
     def labels(self, rows: int, device: torch.device) -> torch.Tensor:
         """1 for the positive column, 0 for the negatives; cached, as every batch but the
