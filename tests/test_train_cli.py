@@ -236,7 +236,8 @@ def test_impossible_options_are_refused_before_reading_anything(planted, tmp_pat
 
 
 def test_a_directory_that_is_not_etl_output_is_refused(tmp_path):
-    result = run([*TRAIN, "--data", tmp_path, "--output", tmp_path / "run"])
+    (tmp_path / "data").mkdir()
+    result = run([*TRAIN, "--data", tmp_path / "data", "--output", tmp_path / "run"])
     assert_user_error(result, "is this an ETL output directory?")
     assert not (tmp_path / "run").exists()
 
