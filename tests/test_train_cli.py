@@ -518,3 +518,14 @@ def test_exclude_seen_never_samples_a_users_training_item(planted):
     assert count == 0
     assert bool((first[:, 1:] >= data.first_item).all() and (first < data.num_items).all())
     assert torch.equal(first, collisions(exclude, 0)[1])  # seeded: --resume draws the same
+
+
+@pytest.mark.slow
+def test_default_options_beat_popularity_on_the_etl_fixture(etl_dir, tmp_path):
+    out = tmp_path / "run"
+    result = run([*TRAIN, "--data", etl_dir, "--output", out, "--no-progress"], timeout=900)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("auto for ")  # the chosen values are shown
+    config = json.loads((out / "config.json").read_text())
+    assert config["options"]["batch_size"] < 2**20  # not NVIDIA's ml-20m batch: 1 step per epoch here
+    assert config["metrics"]["hr@10"] > popularity_hit_rate(etl_dir) + 0.15
