@@ -37,7 +37,9 @@ def resolve(args: argparse.Namespace, train_rows: int) -> dict:
         "beta2": 0.5 if large else 0.999,
         "epochs": 30,
         "patience": 3,
-        "negative_sampling": "uniform" if large else "exclude-seen",
+        # exclude-seen tied with uniform on ml-latest-small and the demo (docs/training-defaults.md)
+        # and costs a lookup per sample: uniform at every size.
+        "negative_sampling": "uniform",
         "factors": 64,
         "mlp_layers": [256, 256, 128, 64] if large else [128, 128, 64],
         "dropout": 0.5 if large else 0.1,
