@@ -6,7 +6,8 @@ peak memory for batch sizes 2^14..2^20 and 1 vs 2 processes, then a quality run 
     python benchmarks/train.py --data ETL_DIR        # an existing ETL directory
 
 The model is RecBole's NeuMF configuration, the CPU reference (embedding 64, MLP [128, 64],
-dropout 0.1, 4 negatives): --factors 64 --mlp-layers 128 128 64 in train_ncf.py's notation.
+dropout 0.1, 4 negatives): --factors 64 --mlp-layers 128 128 64 in train_ncf.py's notation;
+both negative sampling modes (uniform, exclude-seen) are swept.
 Each sweep point trains --samples samples (>= 3 batches) after a 2-batch warm-up, in a fresh
 process (under torchrun for 2 processes); epoch time is measured in the quality run and
 projected (samples per epoch / samples/s) for the sweep.
@@ -40,6 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-exponents", type=int, nargs="+", default=list(range(14, 21)),
                    help="batch sizes 2^E (samples per optimizer step) to sweep")
     p.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="process counts to sweep")
+    p.add_argument("--negative-sampling", nargs="+", choices=("uniform", "exclude-seen"),
+                   default=["uniform", "exclude-seen"], help="negative sampling modes to sweep")
     p.add_argument("--samples", type=int, default=2**22,
                    help="samples measured per sweep point (at least 3 batches)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
@@ -90,7 +93,8 @@ def worker(args) -> None:
     data = open_etl(args.data)
     torch.manual_seed(0)
     model = NeuMF(data.num_users, data.num_items, **MODEL)
-    options = TrainOptions(batch_size=args.batch_size, amp=args.amp, progress=False, max_steps=2)
+    options = TrainOptions(batch_size=args.batch_size, amp=args.amp, progress=False, max_steps=2,
+                           negative_sampling=args.negative_sampling[0])
     trainer = Trainer(model, data, options, device, context)
     trainer.train_epoch(0, check_input=False)  # warm-up: threads, allocator, first parquet reads
     options.max_steps = args.steps
@@ -103,6 +107,7 @@ def worker(args) -> None:
         peak_mb = context.max([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024])[0]
     if context.is_main:
         print(json.dumps({"processes": context.world, "batch_size": args.batch_size,
+                          "negative_sampling": options.negative_sampling,
                           "train_samples_per_s": samples / seconds, "eval_samples_per_s": eval_rate,
                           "peak_mb_per_process": peak_mb}), flush=True)
     context.close()
@@ -116,8 +121,9 @@ def train_rows(data: Path) -> int:
     return sum(pq.ParquetFile(f).metadata.num_rows for f in FeatureSpec.load(data).files("train"))
 
 
-def sweep_point(args, data: Path, processes: int, batch_size: int) -> dict | None:
+def sweep_point(args, data: Path, processes: int, batch_size: int, sampling: str) -> dict | None:
     script = [str(Path(__file__).resolve()), "--worker", "--data", str(data), "--batch-size", str(batch_size),
+              "--negative-sampling", sampling,
               "--steps", str(max(3, args.samples // batch_size)), "--amp" if args.amp else "--no-amp", "--device", args.device]
     if processes == 1:
         command = [sys.executable, *script]
@@ -164,13 +170,13 @@ def main(argv=None) -> int:
     print(f"data: {data} ({rows:,} train positives -> {per_epoch:,} samples per epoch with 4 negatives); "
           f"model: NeuMF {MODEL}, amp={'bf16' if args.amp else 'off'}; {os.cpu_count()} CPUs; "
           f"load average {os.getloadavg()[0]:.1f} at start")
-    print(f"{'procs':>5} {'batch':>9} {'train samples/s':>16} {'eval samples/s':>15} {'epoch s (proj.)':>16} "
+    print(f"{'procs':>5} {'batch':>9} {'negatives':>12} {'train samples/s':>16} {'eval samples/s':>15} {'epoch s (proj.)':>16} "
           f"{'peak MB/proc':>17}")  # CPU: max RSS; CUDA: max allocated
     for processes in args.processes:
-        for exponent in args.batch_exponents:
-            point = sweep_point(args, data, processes, 2**exponent)
+        for exponent, sampling in ((e, m) for e in args.batch_exponents for m in args.negative_sampling):
+            point = sweep_point(args, data, processes, 2**exponent, sampling)
             if point:
-                print(f"{processes:>5} {'2^' + str(exponent):>9} {point['train_samples_per_s']:>16,.0f} "
+                print(f"{processes:>5} {'2^' + str(exponent):>9} {sampling:>12} {point['train_samples_per_s']:>16,.0f} "
                       f"{point['eval_samples_per_s']:>15,.0f} {per_epoch / point['train_samples_per_s']:>16,.1f} "
                       f"{point['peak_mb_per_process']:>17,.0f}", flush=True)
     if args.quality_batch:

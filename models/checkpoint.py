@@ -1,8 +1,16 @@
 """Checkpoints: written atomically, validated on load, carrying everything --resume needs
-(model, optimizer, AMP scaler, epoch, early-stopping state, history and RNG states)."""
+(model, optimizer, AMP scaler, epoch, early-stopping state, history and RNG states).
+
+On disk a checkpoint is an envelope {"format", "sha256", "payload"}: the payload is the
+torch.save bytes of the state (a uint8 tensor) and sha256 their digest, checked before the
+payload is unpickled. torch's zip reader checks no CRC, so without it flipped bytes inside a
+tensor load silently. Both levels load with weights_only=True.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import pickle
 import random
 import zipfile
@@ -15,13 +23,19 @@ from models.errors import TrainingError
 from models.registry import build_model
 from workflows.atomic import atomic_file
 
-FORMAT = "merlin-ncf-checkpoint/1"
+FORMAT = "merlin-ncf-checkpoint/1"  # the state inside the envelope
+ENVELOPE = "merlin-ncf-checkpoint-envelope/1"
 
 
 def save_atomic(obj, path: Path) -> None:
-    """torch.save to a temporary file beside `path`, then rename over it."""
+    """Seal `obj` in a checksummed envelope, written beside `path` and renamed over it."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    payload = buffer.getbuffer()
+    envelope = {"format": ENVELOPE, "sha256": hashlib.sha256(payload).hexdigest(),
+                "payload": torch.frombuffer(payload, dtype=torch.uint8)}
     with atomic_file(path) as tmp:
-        torch.save(obj, tmp)
+        torch.save(envelope, tmp)
 
 
 def rng_state() -> dict:
@@ -49,13 +63,28 @@ def load(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise TrainingError(f"checkpoint {path} not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, OSError) as exc:
-        raise TrainingError(f"checkpoint {path} is corrupt or not a torch checkpoint ({type(exc).__name__})") from None
+    envelope = _torch_load(path, path)
+    if isinstance(envelope, dict) and envelope.get("format") == FORMAT:
+        return envelope  # written before checksums: nothing to verify
+    if not isinstance(envelope, dict) or envelope.get("format") != ENVELOPE:
+        raise TrainingError(f"{path} is not a {FORMAT} checkpoint")
+    payload = envelope.get("payload")
+    if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8:
+        raise TrainingError(f"corrupt checkpoint {path}: no payload")
+    data = payload.numpy().tobytes()
+    if hashlib.sha256(data).hexdigest() != envelope.get("sha256"):
+        raise TrainingError(f"corrupt checkpoint {path}: its sha256 does not match its contents")
+    state = _torch_load(io.BytesIO(data), path)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise TrainingError(f"{path} is not a {FORMAT} checkpoint")
     return state
+
+
+def _torch_load(source, path: Path):
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, OSError) as exc:
+        raise TrainingError(f"corrupt checkpoint {path}, or not a torch checkpoint ({type(exc).__name__})") from None
 
 
 def model_from(state: dict, path: str | Path = "checkpoint") -> torch.nn.Module:

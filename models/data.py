@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from models.errors import TrainingError
+from workflows.errors import one_line
 from workflows.feature_spec import TEST, TRAIN, VALIDATION, FeatureSpec, FeatureSpecError
 
 # merlin.io warns on every CPU Dataset; CPU is a supported mode of this project.
@@ -35,6 +36,7 @@ class EtlData:
     label_column: str
     train_files: list[Path]
     schema: object  # merlin.schema.Schema of the train parquet, restricted to user and item
+    train_rows: int = 0  # positives in train/, from the parquet footers
 
     @property
     def num_users(self) -> int:
@@ -64,6 +66,7 @@ def open_etl(path: str | Path) -> EtlData:
         raise TrainingError(str(exc)) from None
     if not train_files:
         raise TrainingError(f"{path}: source_spec.train lists no files")
+    train_rows = count_rows(train_files)
     merlin_io, _, Tags = _merlin()
     dataset = merlin_io.Dataset([str(f) for f in train_files], engine="parquet")
     schema = dataset.schema
@@ -92,7 +95,38 @@ def open_etl(path: str | Path) -> EtlData:
     return EtlData(
         spec=spec, user_column=user_column, item_column=item_column, label_column=label_column,
         train_files=train_files, schema=schema.select_by_name([user_column, item_column]),
+        train_rows=train_rows,
     )
+
+
+def count_rows(files: list[Path]) -> int:
+    """Rows of parquet files from their footers; a truncated or non-parquet file is refused
+    here, before a run directory exists, rather than mid-epoch inside the Loader."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = 0
+    for path in files:
+        try:
+            rows += pq.read_metadata(path).num_rows
+        except (pa.ArrowException, OSError) as exc:
+            raise TrainingError(f"{path} is not a readable parquet file (truncated?): {one_line(exc)}") from None
+    if rows == 0:
+        raise TrainingError(f"the train parquet files ({files[0].parent}) hold no rows")
+    return rows
+
+
+def train_pairs(data: EtlData) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every training (user, item) pair, for exclude-seen sampling. Read whole with pyarrow:
+    the Loader shuffles and shards, while this needs all pairs once, in any order."""
+    import pyarrow.parquet as pq
+
+    users, items = [], []
+    for path in data.train_files:
+        table = pq.read_table(path, columns=[data.user_column, data.item_column])
+        users.append(torch.from_numpy(table.column(data.user_column).to_numpy().astype("int64")))
+        items.append(torch.from_numpy(table.column(data.item_column).to_numpy().astype("int64")))
+    return torch.cat(users), torch.cat(items)
 
 
 def train_loader(data: EtlData, batch_size: int, epoch: int, seed: int, rank: int = 0, world: int = 1,

@@ -11,6 +11,7 @@ training.png (docs/pipeline.md), and prints the final HR@K / NDCG@K.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from dataclasses import asdict, fields
@@ -20,7 +21,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from models.errors import TrainingError
-from workflows.errors import EXIT_USER_ERROR, one_line
+from models.defaults import NEGATIVE_SAMPLING
+from workflows.errors import EXIT_USER_ERROR, UserError, one_line
 
 PROG = "train_ncf.py"
 
@@ -45,6 +47,27 @@ def non_negative_int(text: str) -> int:
     return 0 if text.strip() == "0" else positive_int(text)
 
 
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive finite number")
+    return value
+
+
+def unit_interval(text: str) -> float:
+    """[0, 1): Adam's betas (1 would never forget; NaN or negative is no average)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not in [0, 1)")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = Parser(prog=PROG, description=__doc__.split("\n\n")[0],
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -58,26 +81,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     io.add_argument("--resume", action="store_true", help="continue the run in OUTPUT from checkpoints/last.pt")
     io.add_argument("--force", action="store_true", help="start over in an OUTPUT that already holds a run")
 
-    model = p.add_argument_group("model")
+    auto = "auto: from the training set's size, see models/defaults.py"
+    model = p.add_argument_group("model (auto values are printed at start)")
     model.add_argument("--variant", choices=("neumf", "gmf", "mlp"), default="neumf",
                        help="the full NeuMF, or its GMF-only / MLP-only branch (for pre-training)")
-    model.add_argument("--factors", type=positive_int, default=64, help="GMF embedding size")
-    model.add_argument("--mlp-layers", type=positive_int, nargs="+", default=[256, 256, 128, 64],
-                       help="MLP widths, the first being user + item embedding sizes (NVIDIA's notation)")
-    model.add_argument("--dropout", type=float, default=0.5, help="dropout after each MLP layer")
+    model.add_argument("--factors", type=positive_int, help=f"GMF embedding size ({auto})")
+    model.add_argument("--mlp-layers", type=positive_int, nargs="+",
+                       help=f"MLP widths, the first being user + item embedding sizes, NVIDIA's notation ({auto})")
+    model.add_argument("--dropout", type=float, help=f"dropout after each MLP layer ({auto})")
     model.add_argument("--pretrained-gmf", type=Path, help="GMF-only checkpoint to initialise NeuMF from")
     model.add_argument("--pretrained-mlp", type=Path, help="MLP-only checkpoint to initialise NeuMF from")
     model.add_argument("--alpha", type=float, default=0.5, help="weight of GMF's output layer with pre-training")
 
-    train = p.add_argument_group("training")
-    train.add_argument("--epochs", type=positive_int, default=20, help="maximum epochs")
-    train.add_argument("--batch-size", type=positive_int, default=2**20,
-                       help="samples (positives + their negatives) per optimizer step, summed over processes")
+    train = p.add_argument_group("training (auto values are printed at start)")
+    train.add_argument("--epochs", type=positive_int, help=f"maximum epochs ({auto})")
+    train.add_argument("--batch-size", type=positive_int,
+                       help=f"samples (positives + their negatives) per optimizer step, summed over processes ({auto})")
     train.add_argument("--negatives", type=positive_int, default=4, help="negatives sampled per positive")
-    train.add_argument("--lr", type=float, default=0.0045, help="Adam learning rate")
-    train.add_argument("--beta1", type=float, default=0.25, help="Adam beta1")
-    train.add_argument("--beta2", type=float, default=0.5, help="Adam beta2")
-    train.add_argument("--eps", type=float, default=1e-8, help="Adam epsilon")
+    train.add_argument("--negative-sampling", choices=NEGATIVE_SAMPLING,
+                       help=f"uniform items, or redraw the user's own training items as RecBole does ({auto})")
+    train.add_argument("--lr", type=positive_float, help=f"Adam learning rate ({auto})")
+    train.add_argument("--beta1", type=unit_interval, help=f"Adam beta1 ({auto})")
+    train.add_argument("--beta2", type=unit_interval, help=f"Adam beta2 ({auto})")
+    train.add_argument("--eps", type=positive_float, default=1e-8, help="Adam epsilon")
     train.add_argument("--grad-accumulation", type=positive_int, default=1,
                        help="micro-batches per optimizer step (batch size is split between them)")
     train.add_argument("--amp", action="store_true",
@@ -97,8 +123,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     evaluation = p.add_argument_group("evaluation and early stopping")
     evaluation.add_argument("--topk", type=positive_int, default=10, help="K of HR@K and NDCG@K")
     evaluation.add_argument("--threshold", type=float, default=1.0, help="stop once HR@K reaches this")
-    evaluation.add_argument("--patience", type=non_negative_int, default=0,
-                            help="stop after this many epochs without a better HR@K (0: never)")
+    evaluation.add_argument("--patience", type=non_negative_int,
+                            help=f"stop after this many epochs without a better HR@K, 0: never ({auto})")
     evaluation.add_argument("--eval-batch-size", type=positive_int, default=2**20,
                             help="candidates scored per forward pass")
     args = p.parse_args(argv)
@@ -124,14 +150,15 @@ def check_combinations(args: argparse.Namespace, p: Parser) -> None:
         p.error("pre-training needs both --pretrained-gmf and --pretrained-mlp")
     if args.pretrained_gmf is not None and (args.variant != "neumf" or args.resume):
         p.error("--pretrained-gmf/--pretrained-mlp initialise a new --variant neumf run (not with --resume)")
-    if not 0.0 <= args.dropout < 1.0:
+    if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
         p.error(f"--dropout must be in [0, 1), got {args.dropout}")
     if not 0.0 <= args.alpha <= 1.0:
         p.error(f"--alpha must be in [0, 1], got {args.alpha}")
-    if args.variant != "gmf" and (len(args.mlp_layers) < 2 or args.mlp_layers[0] % 2):
+    layers = args.mlp_layers
+    if args.variant != "gmf" and layers is not None and (len(layers) < 2 or layers[0] % 2):
         p.error("--mlp-layers needs an even first width (user + item embeddings) and at least one layer")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if args.batch_size // (world * args.grad_accumulation * (1 + args.negatives)) < 1:
+    if args.batch_size is not None and args.batch_size // (world * args.grad_accumulation * (1 + args.negatives)) < 1:
         p.error(f"--batch-size {args.batch_size} leaves no positive per micro-batch "
                 f"({world} processes x {args.grad_accumulation} accumulation x {1 + args.negatives} samples)")
 
@@ -144,6 +171,19 @@ def choose_device(name: str):
             raise TrainingError("--device cuda: no CUDA GPU is visible to torch")
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
+
+
+def choose_defaults(args, data, world: int = 1, verbose: bool = False) -> None:
+    """Fill the auto options from the training set's size, and print them if `verbose`."""
+    from models.defaults import resolve
+
+    picked = resolve(args, data.train_rows)
+    if args.batch_size // (world * args.grad_accumulation * (1 + args.negatives)) < 1:
+        raise TrainingError(f"--batch-size {args.batch_size} leaves no positive per micro-batch")
+    if picked and verbose:
+        shown = "  ".join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                          for k, v in picked.items())
+        print(f"auto for {data.train_rows:,} training positives: {shown}", flush=True)
 
 
 def train_options(args: argparse.Namespace):
@@ -180,16 +220,70 @@ def check_fits(config: dict, data, path) -> None:
         )
 
 
-def prepare_run_dir(args) -> dict | None:
-    """Refuse to clobber a previous run; return the checkpoint to resume, if any."""
-    from models import checkpoint as ckpt
+# Runs from before the marker file: their checkpoint and log identify them.
+LEGACY_RUN = ("checkpoints/last.pt", "log.jsonl")
+RUN = "run"  # the marker's kind (workflows/atomic.py)
 
-    last = args.output / "checkpoints" / "last.pt"
+
+def check_output(args) -> dict | None:
+    """Refuse an output that overlaps the data, is not a run of ours, or holds a run that
+    neither --resume nor --force names; return the checkpoint to resume, if any. Writes nothing."""
+    from models import checkpoint as ckpt
+    from workflows.atomic import MARKER, check_replaceable, written_by_us
+
+    out = args.output
+    check_replaceable(out, RUN, inputs=[args.data], overwrite=True)  # overlap, or not a directory
+    contents = {p.name for p in out.iterdir()} if out.is_dir() else set()
     if args.resume:
-        return ckpt.load(last)
-    if args.output.exists() and any(args.output.iterdir()) and not args.force:
-        raise TrainingError(f"{args.output} is not empty: pass --resume to continue its run or --force to replace it")
+        return ckpt.load(out / "checkpoints" / "last.pt")
+    if not contents or contents <= {MARKER, "checkpoints"} and not any((out / "checkpoints").glob("*")):
+        return None  # nothing, or a run that stopped before its first checkpoint
+    if not written_by_us(out, RUN, LEGACY_RUN):
+        raise TrainingError(f"{out} is not empty and is not a training run: choose another --output "
+                            "(--force only replaces a run directory)")
+    if not args.force:
+        raise TrainingError(f"{out} holds a run: pass --resume to continue it or --force to replace it")
     return None
+
+
+def create_run_dir(out: Path) -> bool:
+    """Make `out` a fresh, marked run directory, an old run there first moved to a hidden
+    sibling and deleted, so a run directory never mixes two runs' files (even if killed).
+    Returns whether `out` was created (False: it was an empty directory already)."""
+    import shutil
+    import tempfile
+
+    from workflows.atomic import mark
+
+    created = True
+    try:
+        if out.is_dir() and any(out.iterdir()):
+            aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, aside / out.name)
+            shutil.rmtree(aside, ignore_errors=True)
+        elif out.is_dir():
+            created = False
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        mark(out, RUN)
+    except OSError as exc:
+        raise TrainingError(f"cannot write run directory {out}: {exc.strerror or exc}") from None
+    return created
+
+
+def discard_unstarted_run(out: Path, created: bool) -> None:
+    """After a failure before the first checkpoint, leave no run directory that would block
+    a rerun: remove what create_run_dir made."""
+    import shutil
+
+    from workflows.atomic import MARKER
+
+    if (out / "checkpoints" / "last.pt").exists():
+        return  # a run with epochs worth resuming
+    if created:
+        shutil.rmtree(out, ignore_errors=True)
+    else:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        (out / MARKER).unlink(missing_ok=True)
 
 
 def run_test(args, data, device) -> int:
@@ -206,16 +300,11 @@ def run_test(args, data, device) -> int:
     return 0
 
 
-def run_train(args, data, device, context) -> int:
+def run_train(args, data, device, context, resume: dict | None) -> int:
     import torch
 
-    from models import checkpoint as ckpt
     from models.data import load_candidates
-    from models.export import save_json, save_torchscript
-    from models.plots import plot_history
-    from models.trainer import Trainer, write_jsonl
 
-    resume = prepare_run_dir(args)  # on every rank, before rank 0 creates anything (barrier below)
     torch.manual_seed(args.seed)  # initialisation
     model = build_model(args, data)
     if resume is not None:
@@ -223,13 +312,30 @@ def run_train(args, data, device, context) -> int:
         if resume["model"]["config"] != model.config:
             raise TrainingError("checkpoints/last.pt was trained with other model options: "
                                 f"{resume['model']['config']}")
-    options = train_options(args)
     eval_split = data.eval_mapping
     eval_lists = load_candidates(data, eval_split)
     test_lists = eval_lists if eval_split == "test" else load_candidates(data, "test")
-    context.barrier()  # rank 0 has refused or accepted the run directory
-    if context.is_main:
-        (args.output / "checkpoints").mkdir(parents=True, exist_ok=True)
+    fingerprint = data.spec.fingerprint() if context.is_main else None
+    context.barrier()  # every rank has read its data
+    if resume is not None or not context.is_main:
+        return train_in(args, data, device, context, resume, model, eval_lists, test_lists, fingerprint)
+    created = create_run_dir(args.output)
+    try:
+        return train_in(args, data, device, context, resume, model, eval_lists, test_lists, fingerprint)
+    except BaseException:
+        discard_unstarted_run(args.output, created)
+        raise
+
+
+def train_in(args, data, device, context, resume, model, eval_lists, test_lists, fingerprint) -> int:
+    from models import checkpoint as ckpt
+    from models.export import save_json, save_torchscript
+    from models.plots import plot_history
+    from models.trainer import Trainer, write_jsonl
+
+    context.barrier()  # rank 0 has made the run directory
+    options = train_options(args)
+    eval_split = data.eval_mapping
     trainer = Trainer(model, data, options, device, context, run_dir=args.output)
     if resume is not None:
         trainer.resume_from(resume)
@@ -242,6 +348,8 @@ def run_train(args, data, device, context) -> int:
                   f"eval {record.eval_samples_per_s:,.0f} samples/s  {record.epoch_time_s:.1f} s", flush=True)
 
     state = trainer.fit(eval_lists, eval_split, on_epoch)
+    if state.best_epoch < 1:
+        raise TrainingError(f"no epoch reached a finite {eval_split} HR@{options.topk}: nothing to keep")
     context.barrier()  # best.pt is on disk
     best_path = args.output / "checkpoints" / "best.pt"
     trainer.model.load_state_dict(ckpt.model_from(ckpt.load(best_path), best_path).state_dict())
@@ -258,6 +366,7 @@ def run_train(args, data, device, context) -> int:
             "model": {"name": "neumf", "config": trainer.model.config},
             "options": {**asdict(options), "device": str(device), "processes": context.world},
             "data": str(args.data.resolve()),
+            "data_fingerprint": fingerprint,
             "columns": {"user": data.user_column, "item": data.item_column},
             "metrics": {f"hr@{options.topk}": hr, f"ndcg@{options.topk}": ndcg, "split": "test",
                         "best_epoch": state.best_epoch, "epochs": state.epoch},
@@ -279,12 +388,15 @@ def main(argv: list[str] | None = None) -> int:
         device = choose_device(args.device)
         local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // local_procs))
+        resume = check_output(args) if args.mode == "train" else None
         data = open_etl(args.data)
         if args.mode == "test":
+            choose_defaults(args, data)
             return run_test(args, data, device)
         context = from_environment(device)
-        return run_train(args, data, device, context)
-    except TrainingError as exc:
+        choose_defaults(args, data, context.world, verbose=context.is_main)
+        return run_train(args, data, device, context, resume)
+    except UserError as exc:
         print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
     finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import time
@@ -22,11 +23,12 @@ from torch import nn
 from tqdm import tqdm
 
 from models import checkpoint as ckpt
-from models.data import Candidates, EtlData, batch_columns, check_ids, seed_shuffle, train_loader
+from models.data import Candidates, EtlData, batch_columns, check_ids, seed_shuffle, train_loader, train_pairs
 from models.distributed import Context
 from models.metrics import hit_and_ndcg_sums
 from models.registry import model_name
-from models.sampler import NegativeSampler, epoch_generator
+from models.errors import TrainingError
+from models.sampler import NegativeSampler, epoch_generator, seen_keys
 from workflows.atomic import atomic_file
 
 
@@ -35,6 +37,7 @@ class TrainOptions:
     epochs: int = 10
     batch_size: int = 2**20  # samples (positives + negatives) per optimizer step, all ranks
     negatives: int = 4
+    negative_sampling: str = "uniform"  # or "exclude-seen" (models/sampler.py)
     lr: float = 0.0045
     beta1: float = 0.25
     beta2: float = 0.5
@@ -108,7 +111,10 @@ class Trainer:
         )
         self.optimizer = build_optimizer(self.model, options, device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=options.amp and device.type == "cuda")
-        self.sampler = NegativeSampler(data.first_item, data.num_items, options.negatives)
+        seen = None
+        if options.negative_sampling == "exclude-seen":
+            seen = seen_keys(*train_pairs(data), data.num_items)
+        self.sampler = NegativeSampler(data.first_item, data.num_items, options.negatives, seen).to(device)
         self.loss_fn = nn.BCEWithLogitsLoss()
         self.run_dir = run_dir if self.context.is_main else None
         self.state = State()
@@ -188,13 +194,14 @@ class Trainer:
                 if check_input:
                     check_ids(self.data, users, positives, "train")
                 users = users.to(self.device, non_blocking=True)
-                items, labels = self.sampler.candidates(positives.to(self.device, non_blocking=True), generator)
+                items, labels = self.sampler.candidates(positives.to(self.device, non_blocking=True), generator, users)
                 boundary = (step + 1) % accumulation == 0 or step + 1 == steps
                 sync = contextlib.nullcontext() if boundary or not context.distributed else self.ddp.no_sync()
                 with sync:
                     with autocast(self.device, options.amp):
                         logits = self.ddp(users, items)
                     loss = self.loss_fn(logits.float(), labels)
+                    self.check_finite(loss, epoch, step)
                     self.scaler.scale(loss / accumulation).backward()
                 if boundary:
                     self.scaler.step(self.optimizer)
@@ -212,6 +219,18 @@ class Trainer:
         loss_total, samples_total = context.sum([float(loss_sum), float(samples)])
         return loss_total / max(samples_total, 1.0), int(samples_total), time.perf_counter() - start
 
+    def check_finite(self, loss: torch.Tensor, epoch: int, step: int) -> None:
+        """Stop at the first non-finite loss, before it reaches the weights. Under DDP every
+        rank learns of it (a rank that stopped alone would leave the others in all-reduce)."""
+        finite = float(torch.isfinite(loss.detach()))
+        if self.context.distributed:
+            finite = self.context.min([finite])[0]
+        if not finite:
+            raise TrainingError(
+                f"training diverged: non-finite loss ({loss.detach().item()}) at epoch {epoch + 1} step {step + 1}; "
+                f"lower --lr (now {self.options.lr:g})"
+            )
+
     def fit(self, eval_candidates: Candidates, split: str, on_epoch=None) -> State:
         """Train until options.epochs, the HR threshold or patience; call on_epoch(record)
         after each epoch's checkpoint (rank 0 writes them under run_dir/checkpoints)."""
@@ -226,7 +245,7 @@ class Trainer:
                 train_samples_per_s=samples / train_time, eval_samples_per_s=eval_rate,
                 epoch_time_s=time.perf_counter() - epoch_start, train_samples=samples,
             )
-            improved = hr > state.best_hr
+            improved = math.isfinite(hr) and hr > state.best_hr  # a NaN HR is never best
             state.epoch = epoch + 1
             state.history.append(asdict(record))
             if improved:

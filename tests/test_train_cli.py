@@ -98,7 +98,7 @@ def reference_run(planted, tmp_path_factory):
     return out, result
 
 
-def test_training_learns_the_planted_structure_and_writes_the_run_directory(reference_run):
+def test_training_learns_the_planted_structure_and_writes_the_run_directory(reference_run, planted):
     out, result = reference_run
     log = read_log(out)
     assert [row["epoch"] for row in log] == list(range(1, EPOCHS + 1))
@@ -113,6 +113,10 @@ def test_training_learns_the_planted_structure_and_writes_the_run_directory(refe
     assert "final test HR@10" in result.stdout
     assert (out / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert {p.name for p in (out / "checkpoints").iterdir()} == {"best.pt", "last.pt"}
+    assert (out / ".merlin-ncf").read_text().strip() == "run"
+    from workflows.feature_spec import FeatureSpec
+
+    assert config["data_fingerprint"] == FeatureSpec.load(planted).fingerprint()
 
 
 def test_torchscript_model_matches_the_best_checkpoint(reference_run):
@@ -141,8 +145,10 @@ def test_resume_after_a_kill_matches_the_uninterrupted_run(reference_run, plante
     for got, want in zip(read_log(out), read_log(reference), strict=True):
         for key in ("epoch", "loss", "hr", "ndcg", "train_samples"):
             assert got[key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), key
-    weights = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["model"]["state"]
-    expected = torch.load(reference / "checkpoints" / "last.pt", weights_only=True)["model"]["state"]
+    from models import checkpoint as ckpt
+
+    weights = ckpt.load(out / "checkpoints" / "last.pt")["model"]["state"]
+    expected = ckpt.load(reference / "checkpoints" / "last.pt")["model"]["state"]
     for name in expected:
         torch.testing.assert_close(weights[name], expected[name], rtol=0, atol=1e-6)
 
@@ -230,7 +236,8 @@ def test_impossible_options_are_refused_before_reading_anything(planted, tmp_pat
 
 
 def test_a_directory_that_is_not_etl_output_is_refused(tmp_path):
-    result = run([*TRAIN, "--data", tmp_path, "--output", tmp_path / "run"])
+    (tmp_path / "data").mkdir()
+    result = run([*TRAIN, "--data", tmp_path / "data", "--output", tmp_path / "run"])
     assert_user_error(result, "is this an ETL output directory?")
     assert not (tmp_path / "run").exists()
 
@@ -376,3 +383,149 @@ def test_cuda_requested_without_a_gpu_is_refused(planted, tmp_path):
     result = run([*TRAIN, "--data", planted, "--output", tmp_path / "run", "--device", "cuda", "--amp"])
     assert_user_error(result, "no CUDA GPU")
     assert not (tmp_path / "run").exists()
+
+
+# --- run directories: only ours are replaced, and always hold one run ----------------------
+
+def test_force_refuses_a_directory_that_is_not_a_run(planted, tmp_path, refused):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("hi")
+    refused(["--data", planted, "--output", out, "--force", *SMALL, "--epochs", "1"], "is not a training run")
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "hi"
+
+
+@pytest.mark.parametrize("where", ["inside", "same", "parent"])
+def test_an_output_overlapping_the_data_is_refused(planted, tmp_path, refused, where):
+    out = {"inside": planted / "run", "same": planted, "parent": planted.parent}[where]
+    before = sorted(p.name for p in planted.rglob("*"))
+    refused(["--data", planted, "--output", out, "--force", *SMALL, "--epochs", "1"], "overlaps the input")
+    assert sorted(p.name for p in planted.rglob("*")) == before
+
+
+def test_a_forced_run_killed_early_leaves_no_file_of_the_old_run(planted, reference_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(reference_run[0], out)
+    killed = run([*TRAIN, "--data", planted, "--output", out, "--epochs", EPOCHS, *SMALL, "--force",
+                  "--stop-after-steps", "1"])
+    assert killed.returncode == -signal.SIGKILL
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [".merlin-ncf", "checkpoints"]
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # the old run moved aside was deleted
+    # The new run is a run of ours: --force replaces it again.
+    again = run([*TRAIN, "--data", planted, "--output", out, "--epochs", "1", *SMALL, "--force"])
+    assert again.returncode == 0, again.stderr
+    assert len(read_log(out)) == 1
+
+
+# --- divergence and bad optimizer options -----------------------------------------------
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--lr", "-1"], "--lr: '-1' is not a positive finite number"),
+    (["--lr", "0"], "is not a positive finite number"),
+    (["--lr", "nan"], "is not a positive finite number"),
+    (["--lr", "inf"], "is not a positive finite number"),
+    (["--eps", "0"], "is not a positive finite number"),
+    (["--beta1", "1"], "is not in [0, 1)"),
+    (["--beta2", "-0.1"], "is not in [0, 1)"),
+    (["--beta1", "nan"], "is not in [0, 1)"),
+])
+def test_bad_optimizer_options_are_one_line_argparse_errors(tmp_path, args, fragment):
+    result = run([*TRAIN, "--data", tmp_path, "--output", tmp_path / "run", *args])
+    assert_user_error(result, fragment)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_diverging_run_stops_at_the_first_non_finite_loss(planted, tmp_path):
+    out = tmp_path / "run"
+    result = run([*TRAIN, "--data", planted, "--output", out, *SMALL, "--epochs", EPOCHS, "--lr", "1e9"])
+    assert_user_error(result, "non-finite loss")
+    assert "epoch 1 step " in result.stderr
+    assert "HR@10" not in result.stdout
+    assert not out.exists()  # nothing worth resuming: no directory left to block a rerun
+
+
+def test_a_non_finite_validation_hit_rate_is_never_best(planted, tmp_path):
+    from models.data import load_candidates, open_etl
+    from models.neumf import NeuMF
+    from models.trainer import Trainer, TrainOptions
+
+    class NonFiniteEvaluation(Trainer):  # the bookkeeping under test is fit's, not the metric's
+        def evaluate(self, candidates):
+            value = float("nan") if self.state.epoch == 0 else float("inf")
+            return value, value, 1.0
+
+    data = open_etl(planted)
+    model = NeuMF(data.num_users, data.num_items, mf_dim=8, mlp_layers=[16, 16, 8], dropout=0.0)
+    trainer = NonFiniteEvaluation(model, data, TrainOptions(epochs=2, batch_size=3000, progress=False),
+                            torch.device("cpu"), run_dir=tmp_path)
+    state = trainer.fit(load_candidates(data, "test"), "test")
+    assert state.epoch == 2 and state.best_epoch == -1
+    assert not (tmp_path / "checkpoints" / "best.pt").exists()
+    assert (tmp_path / "checkpoints" / "last.pt").exists()
+
+
+# --- corrupt inputs ---------------------------------------------------------------------
+
+def test_a_checkpoint_with_flipped_bytes_is_refused(planted, reference_run, tmp_path, refused):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(reference_run[0], out)
+    last = out / "checkpoints" / "last.pt"
+    data = bytearray(last.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 4096] = bytes(b ^ 0xFF for b in data[middle:middle + 4096])
+    last.write_bytes(bytes(data))
+    refused(["--data", planted, "--mode", "test", "--checkpoint", last], "corrupt checkpoint")
+    refused(["--data", planted, "--output", out, "--resume", *SMALL, "--epochs", "5"], "corrupt checkpoint")
+
+
+def test_a_truncated_train_file_is_one_line_and_leaves_no_run_directory(planted, tmp_path, refused):
+    import shutil
+
+    bad = tmp_path / "etl"
+    shutil.copytree(planted, bad)
+    part = bad / "train" / "part_2.parquet"
+    part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
+    out = tmp_path / "run"
+    refused(["--data", bad, "--output", out, *SMALL, "--epochs", "1"], "part_2.parquet is not a readable parquet")
+    assert not out.exists()
+
+
+# --- negative sampling ------------------------------------------------------------------
+
+def test_exclude_seen_never_samples_a_users_training_item(planted):
+    from models.data import open_etl, train_pairs
+    from models.sampler import NegativeSampler, epoch_generator, seen_keys
+
+    data = open_etl(planted)
+    users, items = train_pairs(data)
+    assert len(users) == data.train_rows == 6000
+    seen = {(int(u), int(i)) for u, i in zip(users, items)}
+    uniform = NegativeSampler(data.first_item, data.num_items, 20)
+    exclude = NegativeSampler(data.first_item, data.num_items, 20, seen_keys(users, items, data.num_items))
+
+    def collisions(sampler, seed):
+        drawn, _ = sampler.candidates(items, epoch_generator(seed, 0, 0, torch.device("cpu")), users)
+        assert bool((drawn[:, 0] == items).all())
+        return sum((int(u), int(i)) in seen for u, row in zip(users, drawn[:, 1:]) for i in row), drawn
+
+    # Each user has 15 of 300 items: ~5% of uniform negatives are their own positives.
+    assert collisions(uniform, 0)[0] > 3000
+    count, first = collisions(exclude, 0)
+    assert count == 0
+    assert bool((first[:, 1:] >= data.first_item).all() and (first < data.num_items).all())
+    assert torch.equal(first, collisions(exclude, 0)[1])  # seeded: --resume draws the same
+
+
+@pytest.mark.slow
+def test_default_options_beat_popularity_on_the_etl_fixture(etl_dir, tmp_path):
+    out = tmp_path / "run"
+    result = run([*TRAIN, "--data", etl_dir, "--output", out, "--no-progress"], timeout=900)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("auto for ")  # the chosen values are shown
+    config = json.loads((out / "config.json").read_text())
+    assert config["options"]["batch_size"] < 2**20  # not NVIDIA's ml-20m batch: 1 step per epoch here
+    assert config["metrics"]["hr@10"] > popularity_hit_rate(etl_dir) + 0.15
