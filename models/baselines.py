@@ -1,0 +1,130 @@
+"""Non-neural baselines scored on the same candidate lists and full ranking as NeuMF.
+
+Simple baselines often match neural recommenders (Dacrema et al., RecSys 2019), so users see
+the lift. Each fits a binary users x items scipy CSR matrix of train positives
+(models.ranking.train_matrix) and scores like a model:
+
+    score(users [B], items [B, C]) -> [B, C]      score_all(users [B]) -> [B, num_items]
+
+- Popularity: the item's training count, the same for every user.
+- EASE (Steck, WWW 2019): B = I - P diag(1/diag(P)), P = (X'X + lambda I)^-1; score = X_u B.
+- ItemKNN: cosine item-item similarity X'X / (|i| |j| + shrink), top-k neighbours per item.
+
+EASE and ItemKNN hold dense items x items float32 matrices (items^2 x 4 bytes each, about
+three at once while fitting), so they refuse catalogues above `max_bytes` with one line.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from workflows.errors import UserError
+
+
+class BaselineError(UserError):
+    """A baseline cannot fit this data (e.g. too many items for a dense item-item model)."""
+
+
+class Baseline:
+    name = "baseline"
+
+    def fit(self, matrix) -> "Baseline":
+        raise NotImplementedError
+
+    def score_all(self, users: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def score(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        return self.score_all(users).gather(1, items)
+
+
+class Popularity(Baseline):
+    name = "popularity"
+
+    def fit(self, matrix) -> "Popularity":
+        self.counts = torch.from_numpy(np.asarray(matrix.sum(axis=0), dtype=np.float32).ravel())
+        return self
+
+    def score(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        return self.counts[items]
+
+    def score_all(self, users: torch.Tensor) -> torch.Tensor:
+        return self.counts.expand(len(users), -1)
+
+
+class ItemItem(Baseline):
+    """Shared by EASE and ItemKNN: score = the user's train row times a dense item-item matrix."""
+
+    copies_while_fitting = 3
+    max_bytes = 8 * 2**30
+
+    def check_size(self, num_items: int) -> None:
+        need = self.copies_while_fitting * num_items**2 * 4
+        if need > self.max_bytes:
+            raise BaselineError(
+                f"{self.name} needs ~{need / 2**30:.1f} GiB for {num_items:,} items "
+                f"({self.copies_while_fitting} dense items x items float32 matrices), "
+                f"above its limit of {self.max_bytes / 2**30:.1f} GiB"
+            )
+
+    def gram(self, matrix) -> torch.Tensor:
+        """X'X, dense float32: co-occurrence counts of item pairs."""
+        self.check_size(matrix.shape[1])
+        self.matrix = matrix.tocsr()
+        matrix = matrix.astype(np.float32)
+        return torch.from_numpy((matrix.T @ matrix).toarray())
+
+    @torch.no_grad()
+    def score_all(self, users: torch.Tensor) -> torch.Tensor:
+        rows = self.matrix[users.cpu().numpy()]
+        history = torch.sparse_csr_tensor(torch.from_numpy(rows.indptr.astype(np.int64)),
+                                          torch.from_numpy(rows.indices.astype(np.int64)),
+                                          torch.from_numpy(rows.data.astype(np.float32)), size=rows.shape)
+        return history @ self.weights
+
+
+class EASE(ItemItem):
+    name = "EASE"
+
+    def __init__(self, l2: float = 500.0, max_bytes: int | None = None):
+        if l2 <= 0:
+            raise BaselineError(f"EASE's l2 must be positive, got {l2}")
+        self.l2 = float(l2)
+        if max_bytes is not None:
+            self.max_bytes = max_bytes
+
+    def fit(self, matrix) -> "EASE":
+        gram = self.gram(matrix)
+        gram.diagonal().add_(self.l2)
+        # X'X + lambda I is symmetric positive definite: Cholesky is ~2x cheaper than inv.
+        precision = torch.cholesky_inverse(torch.linalg.cholesky(gram))
+        del gram
+        precision /= -precision.diagonal()  # column j divided by -P_jj
+        precision.diagonal().zero_()
+        self.weights = precision
+        return self
+
+
+class ItemKNN(ItemItem):
+    name = "ItemKNN"
+
+    def __init__(self, neighbours: int = 100, shrink: float = 10.0, max_bytes: int | None = None):
+        self.neighbours, self.shrink = int(neighbours), float(shrink)
+        if max_bytes is not None:
+            self.max_bytes = max_bytes
+
+    def fit(self, matrix) -> "ItemKNN":
+        similarity = self.gram(matrix)
+        norms = similarity.diagonal().sqrt()
+        similarity /= norms.unsqueeze(1) * norms.unsqueeze(0) + self.shrink + 1e-12
+        similarity.diagonal().zero_()
+        if self.neighbours < similarity.shape[0]:
+            # Keep, for each scored item (column), its k most similar items.
+            kept = torch.zeros_like(similarity)
+            top = similarity.topk(self.neighbours, dim=0)
+            kept.scatter_(0, top.indices, top.values)
+            similarity = kept
+        self.weights = similarity
+        return self
