@@ -11,7 +11,8 @@ the lift. Each fits a binary users x items scipy CSR matrix of train positives
 - ItemKNN: cosine item-item similarity X'X / (|i| |j| + shrink), top-k neighbours per item.
 
 EASE and ItemKNN hold dense items x items float32 matrices (items^2 x 4 bytes each, about
-three at once while fitting), so they refuse catalogues above `max_bytes` with one line.
+three at once while fitting; EASE with fewer users than items: users x items instead), so
+they refuse data above `max_bytes` (default 8 GiB) with one line.
 """
 
 from __future__ import annotations
@@ -55,37 +56,34 @@ class Popularity(Baseline):
 
 
 class ItemItem(Baseline):
-    """Shared by EASE and ItemKNN: score = the user's train row times a dense item-item matrix."""
+    """Shared by EASE and ItemKNN: score = the user's train row times an item-item matrix."""
 
-    copies_while_fitting = 3
     max_bytes = 8 * 2**30
 
-    def check_size(self, num_items: int) -> None:
-        need = self.copies_while_fitting * num_items**2 * 4
+    def check_size(self, need: int, what: str) -> None:
         if need > self.max_bytes:
-            raise BaselineError(
-                f"{self.name} needs ~{need / 2**30:.1f} GiB for {num_items:,} items "
-                f"({self.copies_while_fitting} dense items x items float32 matrices), "
-                f"above its limit of {self.max_bytes / 2**30:.1f} GiB"
-            )
+            raise BaselineError(f"{self.name} needs ~{need / 2**30:.1f} GiB for {what}, "
+                                f"above its limit of {self.max_bytes / 2**30:.1f} GiB")
 
     def gram(self, matrix) -> torch.Tensor:
         """X'X, dense float32: co-occurrence counts of item pairs."""
-        self.check_size(matrix.shape[1])
-        self.matrix = matrix.tocsr()
-        matrix = matrix.astype(np.float32)
-        return torch.from_numpy((matrix.T @ matrix).toarray())
+        items = matrix.shape[1]
+        self.check_size(3 * items**2 * 4, f"{items:,} items (3 dense items x items float32 matrices)")
+        self.matrix = matrix.tocsr().astype(np.float32)
+        return torch.from_numpy((self.matrix.T @ self.matrix).toarray())
 
     @torch.no_grad()
     def score_all(self, users: torch.Tensor) -> torch.Tensor:
-        rows = self.matrix[users.cpu().numpy()]
-        history = torch.sparse_csr_tensor(torch.from_numpy(rows.indptr.astype(np.int64)),
-                                          torch.from_numpy(rows.indices.astype(np.int64)),
-                                          torch.from_numpy(rows.data.astype(np.float32)), size=rows.shape)
-        return history @ self.weights
+        # scipy's sparse x dense product: torch's sparse CSR matmul is still beta and warns.
+        return torch.from_numpy(np.asarray(self.matrix[users.cpu().numpy()] @ self.weights.numpy()))
 
 
 class EASE(ItemItem):
+    """With fewer users than items (ml-latest-small: 610 x 9.7k), the Woodbury identity
+    P = (I - X' (XX' + lambda I)^-1 X) / lambda needs a users x users inverse instead of an
+    items x items one (seconds, not minutes) and B is never materialised:
+    X_u B = X_u - (X_u P) diag(1/diag(P)), whose diagonal is zero by construction."""
+
     name = "EASE"
 
     def __init__(self, l2: float = 500.0, max_bytes: int | None = None):
@@ -96,6 +94,9 @@ class EASE(ItemItem):
             self.max_bytes = max_bytes
 
     def fit(self, matrix) -> "EASE":
+        users, items = matrix.shape
+        if users < items:
+            return self._fit_dual(matrix)
         gram = self.gram(matrix)
         gram.diagonal().add_(self.l2)
         # X'X + lambda I is symmetric positive definite: Cholesky is ~2x cheaper than inv.
@@ -103,8 +104,30 @@ class EASE(ItemItem):
         del gram
         precision /= -precision.diagonal()  # column j divided by -P_jj
         precision.diagonal().zero_()
-        self.weights = precision
+        self.weights, self.woodbury = precision, None
         return self
+
+    def _fit_dual(self, matrix) -> "EASE":
+        users, items = matrix.shape
+        self.check_size(2 * users * items * 4 + users**2 * 8,
+                        f"{users:,} users x {items:,} items (users x items float32 matrices)")
+        self.matrix = matrix.tocsr().astype(np.float32)
+        outer = (self.matrix @ self.matrix.T).toarray().astype(np.float64)
+        outer[np.diag_indices(users)] += self.l2
+        # X' (XX' + l I)^-1, items x users
+        self.woodbury = np.asarray(self.matrix.T @ np.linalg.inv(outer), dtype=np.float32)
+        self.diagonal = (1.0 - np.asarray(self.matrix.T.multiply(self.woodbury).sum(axis=1)).ravel()) / self.l2
+        return self
+
+    @torch.no_grad()
+    def score_all(self, users: torch.Tensor) -> torch.Tensor:
+        if self.woodbury is None:
+            return super().score_all(users)
+        history = self.matrix[users.cpu().numpy()]
+        dense = history.toarray()
+        through = np.asarray(history @ self.woodbury)  # X_u X' (XX' + l I)^-1: [B, users]
+        times_p = (dense - np.asarray(self.matrix.T @ through.T).T) / self.l2
+        return torch.from_numpy((dense - times_p / self.diagonal).astype(np.float32))
 
 
 class ItemKNN(ItemItem):

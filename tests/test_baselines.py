@@ -27,6 +27,19 @@ def test_popularity_scores_training_counts():
     assert torch.equal(model.score_all(users)[1], torch.from_numpy(dense.sum(0)).float())
 
 
+def ease_reference(dense: np.ndarray, l2: float) -> np.ndarray:
+    precision = np.linalg.inv(dense.T @ dense + l2 * np.eye(dense.shape[1]))
+    return np.eye(dense.shape[1]) - precision / np.diag(precision)
+
+
+@pytest.mark.parametrize("users", [8, 40])  # fewer users than items: the Woodbury form
+def test_ease_scores_like_the_closed_form(users):
+    matrix, dense = random_matrix(3, users=users, items=20)
+    model = EASE(2.0).fit(matrix)
+    ids = torch.tensor([0, 5, 7])
+    assert np.allclose(model.score_all(ids).numpy(), dense[[0, 5, 7]] @ ease_reference(dense, 2.0), atol=1e-4)
+
+
 def test_ease_is_steck_closed_form():
     matrix, dense = random_matrix(1)
     l2 = 3.0
