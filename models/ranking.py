@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from models.metrics import rank_against, sums_from_ranks
+from models.metrics import hit_and_ndcg_sums, rank_against, sums_from_ranks
 
 ScoreAll = Callable[[torch.Tensor], torch.Tensor]  # users [B] -> scores [B, num_items]
 
@@ -63,6 +63,20 @@ def train_matrix(spec) -> "scipy.sparse.csr_matrix":  # noqa: F821
     binary users x items CSR matrix: what baselines fit on and full ranking excludes."""
     users, items = read_pairs(spec.files("train"), spec.user_feature, spec.item_feature, spec.label_feature)
     return interaction_matrix(users, items, spec.num_users, spec.num_items)
+
+
+def read_lists(spec, mapping: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Users [U] and candidate items [U, 1 + negatives] (positive first) of an ETL output's
+    validation or test lists, read like models.data.load_candidates but with pyarrow, so that
+    every model of benchmarks/quality.py, RecBole's included, is scored on the same arrays."""
+    per_list = spec.test_samples_per_series
+    users, items = read_pairs(spec.files(mapping), spec.user_feature, spec.item_feature)
+    if len(users) == 0 or len(users) % per_list:
+        raise ValueError(f"{mapping} has {len(users)} rows, not a multiple of test_samples_per_series={per_list}")
+    users, items = torch.from_numpy(users).view(-1, per_list), torch.from_numpy(items).view(-1, per_list)
+    if not bool((users == users[:, :1]).all()):
+        raise ValueError(f"{mapping} rows are not contiguous lists of {per_list} per user")
+    return users[:, 0].contiguous(), items.contiguous()
 
 
 @dataclass
@@ -134,3 +148,19 @@ def score_all_items(model: torch.nn.Module, num_items: int, candidates_per_pass:
                           for lo in range(0, len(users), per_pass)])
 
     return score_all
+
+
+def evaluate(score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], score_all: ScoreAll,
+             users: torch.Tensor, lists: torch.Tensor, seen: SeenItems, first_index: int, k: int = 10,
+             lists_per_pass: int = 4096) -> dict[str, float]:
+    """Means over users of sampled HR@K / NDCG@K on their candidate lists [U, C] (positive
+    first) and full-ranking Recall@K / NDCG@K of the same positive, in one process."""
+    hits = ndcg = 0.0
+    with torch.no_grad():
+        for lo in range(0, len(users), lists_per_pass):
+            h, n = hit_and_ndcg_sums(score(users[lo:lo + lists_per_pass], lists[lo:lo + lists_per_pass]), k)
+            hits, ndcg = hits + h, ndcg + n
+        recall, full_ndcg, count = full_ranking_sums(score_all, users, lists[:, 0], seen, first_index, k)
+    count = max(count, 1.0)
+    return {f"hr@{k}": hits / count, f"ndcg@{k}": ndcg / count,
+            f"full_recall@{k}": recall / count, f"full_ndcg@{k}": full_ndcg / count, "users": int(count)}
