@@ -255,11 +255,14 @@ def run(args) -> int:
     print(f"[{PROG}] {args.data}: {users:,} test lists of {bench.test[1].shape[1]}, {items:,} items, "
           f"{bench.matrix.nnz:,} train interactions", file=sys.stderr, flush=True)
     rows = baseline_rows(bench, args)
+    for row in rows:
+        print(f"[{PROG}] row {json.dumps(row)}", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="quality-") as tmp:  # mkdtemp: private, unpredictable
         workdir = args.workdir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         for variant in [m for m in args.models if m in ("neumf", "gmf", "mlp")]:
             rows.append(neumf_row(bench, args, variant, workdir))
+            print(f"[{PROG}] row {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
         if "recbole" in args.models:
             row = recbole_row(args, workdir)
             if row is not None:

@@ -9,7 +9,8 @@ let benchmarks/quality.py call it for its RecBole row.
 RecBole trains on exactly our train positives (its pre-split "benchmark files"), with its
 own uniform negatives (4 per positive) and its NeuMF defaults (embeddings 64, MLP [128, 64],
 dropout 0.1, Adam lr 0.001, batch 2048). After each epoch its model scores our validation
-lists and the best epoch by sampled HR@K is kept (patience 10 epochs, as RecBole's
+lists and the best epoch by sampled HR@K is kept (the full ranking, costlier than an epoch
+here, is computed for the kept model only) (patience 10 epochs, as RecBole's
 stopping_step); with no validation lists it trains --epochs epochs. The kept model then
 scores our test lists (the ETL's 100 negatives, not RecBole's) and the full ranking with
 models/ranking.py, the functions every row of benchmarks/quality.py uses, so the figures
@@ -171,7 +172,7 @@ def main(argv=None) -> int:
                           "samples_per_s": samples_per_epoch / seconds}
                 if valid_lists is not None:
                     record["validation"] = evaluate(scorer.score, scorer.score_all, *valid_lists, seen,
-                                                    spec.first_item_index, args.k)
+                                                    spec.first_item_index, args.k, full=False)
                     hr = record["validation"][f"hr@{args.k}"]
                     if hr > best:
                         best, best_state, stale = hr, copy.deepcopy(model.state_dict()), 0

@@ -152,15 +152,17 @@ def score_all_items(model: torch.nn.Module, num_items: int, candidates_per_pass:
 
 def evaluate(score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], score_all: ScoreAll,
              users: torch.Tensor, lists: torch.Tensor, seen: SeenItems, first_index: int, k: int = 10,
-             lists_per_pass: int = 4096) -> dict[str, float]:
+             lists_per_pass: int = 4096, full: bool = True) -> dict[str, float]:
     """Means over users of sampled HR@K / NDCG@K on their candidate lists [U, C] (positive
-    first) and full-ranking Recall@K / NDCG@K of the same positive, in one process."""
+    first) and (if `full`) full-ranking Recall@K / NDCG@K of the same positive, in one process."""
     hits = ndcg = 0.0
     with torch.no_grad():
         for lo in range(0, len(users), lists_per_pass):
             h, n = hit_and_ndcg_sums(score(users[lo:lo + lists_per_pass], lists[lo:lo + lists_per_pass]), k)
             hits, ndcg = hits + h, ndcg + n
-        recall, full_ndcg, count = full_ranking_sums(score_all, users, lists[:, 0], seen, first_index, k)
-    count = max(count, 1.0)
-    return {f"hr@{k}": hits / count, f"ndcg@{k}": ndcg / count,
-            f"full_recall@{k}": recall / count, f"full_ndcg@{k}": full_ndcg / count, "users": int(count)}
+    count = max(float(len(users)), 1.0)
+    result = {f"hr@{k}": hits / count, f"ndcg@{k}": ndcg / count, "users": len(users)}
+    if full:
+        recall, full_ndcg, _ = full_ranking_sums(score_all, users, lists[:, 0], seen, first_index, k)
+        result.update({f"full_recall@{k}": recall / count, f"full_ndcg@{k}": full_ndcg / count})
+    return result
