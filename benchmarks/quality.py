@@ -40,8 +40,11 @@ EASE_GRID = (50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0)
 def parse_args(argv=None) -> argparse.Namespace:
     p = OneLineArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, type=Path, help="ETL output directory (feature_spec.yaml)")
-    p.add_argument("--models", nargs="+", choices=ALL_MODELS, default=list(ALL_MODELS),
+    p.add_argument("--models", nargs="*", choices=ALL_MODELS, default=list(ALL_MODELS),
                    help="rows (baselines first, then NeuMF/GMF/MLP, then RecBole)")
+    p.add_argument("--include", type=Path, nargs="+", default=[],
+                   help="add the rows of earlier quality.json files on the same data (e.g. a slow RecBole row "
+                        "run separately), after this run's")
     p.add_argument("--k", type=int, default=10, help="K of every metric (default 10)")
     p.add_argument("--output", type=Path, help="directory to write quality.md, quality.json and quality.png into")
     p.add_argument("--ease-l2", type=float, nargs="+", default=list(EASE_GRID),
@@ -240,13 +243,30 @@ def write_outputs(rows: list[dict], bench: Bench, args) -> None:
     spec = bench.spec
     info = {"data": str(args.data.resolve()), "dataset": spec.metadata.get("dataset"), "k": args.k,
             "users": int(len(bench.test[0])), "items": spec.num_items - spec.first_item_index,
-            "train_interactions": int(bench.matrix.nnz), "candidates_per_list": spec.test_samples_per_series}
+            "train_interactions": int(bench.matrix.nnz), "candidates_per_list": spec.test_samples_per_series,
+            "fingerprint": spec.fingerprint()}
     with atomic_file(args.output / "quality.json") as tmp:
         tmp.write_text(json.dumps({"info": info, "rows": rows}, indent=2) + "\n")
     with atomic_file(args.output / "quality.md") as tmp:
         tmp.write_text(markdown(rows, args.k))
     plot(rows, args.k, f"{info['dataset'] or args.data.name}: {info['users']:,} test users, "
                        f"{info['items']:,} items", args.output / "quality.png")
+
+
+def included_rows(args, bench: Bench) -> list[dict]:
+    rows = []
+    for path in args.include:
+        try:
+            earlier = json.loads(path.read_text())
+            info, found = earlier["info"], earlier["rows"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"--include {path}: not a quality.json ({one_line(exc)})") from None
+        same = (info["fingerprint"] == bench.spec.fingerprint() if "fingerprint" in info else
+                (info.get("users"), info.get("train_interactions")) == (len(bench.test[0]), bench.matrix.nnz))
+        if not same or info.get("k") != args.k:
+            raise UserError(f"--include {path}: its rows are for other data or another K")
+        rows += found
+    return rows
 
 
 def run(args) -> int:
@@ -267,6 +287,7 @@ def run(args) -> int:
             row = recbole_row(args, workdir)
             if row is not None:
                 rows.append(row)
+    rows += included_rows(args, bench)
     print(text_table(rows, args.k), end="")
     if args.output is not None:
         write_outputs(rows, bench, args)

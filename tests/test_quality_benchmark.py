@@ -61,3 +61,16 @@ def test_quality_refuses_a_directory_that_is_not_an_etl_output(tmp_path):
     result = run_command("benchmarks/quality.py", "--data", str(tmp_path), check=False)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "quality.py: error:" in result.stderr
+
+
+def test_include_adds_the_rows_of_an_earlier_run_on_the_same_data_only(quality, etl_dir, tmp_path):
+    out, _ = quality
+    result = run_command("benchmarks/quality.py", "--data", str(etl_dir), "--models", "popularity",
+                         "--include", str(out / "quality.json"))
+    assert result.stdout.count("popularity") == 2 and "NeuMF" in result.stdout
+    other = json.loads((out / "quality.json").read_text())
+    other["info"]["fingerprint"] = "0" * 64  # rows computed on another ETL output
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    refused = run_command("benchmarks/quality.py", "--data", str(etl_dir), "--models",
+                          "--include", str(tmp_path / "other.json"), check=False)
+    assert refused.returncode == 2 and "other data" in refused.stderr
