@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO   := demo-output
 
-.PHONY: venv demo test bench-recbole clean
+.PHONY: venv demo test recbole-venv bench-recbole bench-quality clean
 
 venv: $(STAMP)
 
@@ -29,11 +29,21 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
-# RecBole's NeuMF on an ETL output, the reference figure for benchmarks/train.py.
-bench-recbole: requirements/recbole.txt
+# RecBole 1.2.1 in its own venv (it pins pandas 2, which Merlin 23.08 refuses).
+recbole-venv: .venv-recbole/.installed
+
+.venv-recbole/.installed: requirements/recbole.txt
 	test -x .venv-recbole/bin/python || $(PYTHON) -m venv .venv-recbole
 	.venv-recbole/bin/python -m pip install --quiet "pip<26.3" -r requirements/recbole.txt
+	touch $@
+
+# RecBole's NeuMF trained on an ETL output's train positives, scored on its test lists.
+bench-recbole: recbole-venv
 	.venv-recbole/bin/python benchmarks/recbole_baseline.py --data $(DATA)
+
+# One table of every model on the same lists: make bench-quality DATA=<etl dir> [OUT=<dir>]
+bench-quality: $(STAMP) recbole-venv
+	$(PY) benchmarks/quality.py --data $(DATA) $(if $(OUT),--output $(OUT))
 
 clean:
 	rm -rf $(DEMO)

@@ -1,14 +1,27 @@
-"""RecBole's NeuMF on the same ETL output, as the reference for benchmarks/train.py.
+"""RecBole 1.2.1's NeuMF trained on our train positives and scored on OUR lists and split.
 
 RecBole lives in its own environment (it pins packages that clash with Merlin's): run
-`make bench-recbole DATA=<etl dir>`, which builds .venv-recbole/ and calls this script.
-It trains on exactly our train positives and evaluates on our test positives, RecBole
-sampling its own 100 negatives per user (mode uni100), so HR@10 is comparable.
+`make bench-recbole DATA=<etl dir>`, which builds .venv-recbole/ and calls this script, or
+let benchmarks/quality.py call it for its RecBole row.
+
+    .venv-recbole/bin/python benchmarks/recbole_baseline.py --data ETL_DIR [--json OUT]
+
+RecBole trains on exactly our train positives (its pre-split "benchmark files"), with its
+own uniform negatives (4 per positive) and its NeuMF defaults (embeddings 64, MLP [128, 64],
+dropout 0.1, Adam lr 0.001, batch 2048). After each epoch its model scores our validation
+lists and the best epoch by sampled HR@K is kept (the full ranking, costlier than an epoch
+here, is computed for the kept model only) (patience 10 epochs, as RecBole's
+stopping_step); with no validation lists it trains --epochs epochs. The kept model then
+scores our test lists (the ETL's 100 negatives, not RecBole's) and the full ranking with
+models/ranking.py, the functions every row of benchmarks/quality.py uses, so the figures
+are exactly comparable. Our encoded ids are RecBole's tokens; every real item is declared
+in an .item file so items never seen in train still get a (random) embedding, like ours.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -19,42 +32,100 @@ from pathlib import Path
 # RecBole's checkpoints hold numpy objects that torch>=2.6 refuses to unpickle by default.
 os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
 
+if __package__ in (None, ""):  # run as a script (in RecBole's venv): make the repository importable
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-import yaml  # noqa: E402
+
+from workflows.atomic import atomic_file  # noqa: E402
+from workflows.feature_spec import FeatureSpec, FeatureSpecError  # noqa: E402
+
+NEGATIVES = 4
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, type=Path, help="ETL output directory (with feature_spec.yaml)")
-    parser.add_argument("--epochs", type=int, default=3, help="training epochs (default 3)")
+    parser.add_argument("--epochs", type=int, default=100, help="maximum training epochs (default 100)")
+    parser.add_argument("--patience", type=int, default=10,
+                        help="stop after this many epochs without a better validation HR@K (default 10)")
     parser.add_argument("--batch-size", type=int, default=2048, help="RecBole train_batch_size (default 2048)")
+    parser.add_argument("--lr", type=float, default=0.001, help="RecBole learning_rate (default 0.001)")
+    parser.add_argument("--k", type=int, default=10, help="K of the metrics (default 10)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
+    parser.add_argument("--seed", type=int, default=2020, help="RecBole's seed (default 2020, its own)")
+    parser.add_argument("--json", type=Path, help="also write the summary here")
     return parser.parse_args(argv)
 
 
-def _positives(spec: dict, base: Path, mapping: str) -> pd.DataFrame:
-    user, item = spec["channel_spec"]["user_ch"][0], spec["channel_spec"]["item_ch"][0]
-    label = spec["channel_spec"]["label_ch"][0]
-    files = [base / f for chunk in spec["source_spec"][mapping] for f in chunk["files"]]
-    frame = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
-    if label in frame:
-        frame = frame[frame[label] > 0]
-    return frame[[user, item]].rename(columns={user: "user_id:token", item: "item_id:token"})
+def write_atomic_files(spec: FeatureSpec, out_dir: Path) -> None:
+    """RecBole's pre-split benchmark files ours.{train,valid,test}.inter (positives only:
+    RecBole evaluates nothing of its own here) and ours.item with every real item."""
+    from models.ranking import read_pairs
 
-
-def write_atomic_files(etl_dir: Path, out_dir: Path) -> None:
-    """RecBole's pre-split 'benchmark files': <name>.train/.valid/.test.inter."""
-    spec = yaml.safe_load((etl_dir / "feature_spec.yaml").read_text())
-    valid_mapping = "validation" if "validation" in spec["source_spec"] else "test"
     (out_dir / "ours").mkdir(parents=True)
-    for split, mapping in (("train", "train"), ("valid", valid_mapping), ("test", "test")):
-        _positives(spec, etl_dir, mapping).to_csv(out_dir / "ours" / f"ours.{split}.inter", sep="\t", index=False)
+    columns = {"user_id:token": None, "item_id:token": None}
+    for split, mapping in (("train", "train"), ("valid", "validation"), ("test", "test")):
+        if not spec.has_mapping(mapping):
+            mapping = "train"  # RecBole wants three files; this one is never evaluated
+        users, items = read_pairs(spec.files(mapping), spec.user_feature, spec.item_feature, spec.label_feature)
+        frame = pd.DataFrame(dict(zip(columns, (users, items))))
+        frame.to_csv(out_dir / "ours" / f"ours.{split}.inter", sep="\t", index=False)
+    pd.DataFrame({"item_id:token": np.arange(spec.first_item_index, spec.num_items)}).to_csv(
+        out_dir / "ours" / "ours.item", sep="\t", index=False)
+
+
+class Scorer:
+    """Our encoded ids -> RecBole's internal ids, and its NeuMF's logits in our item order."""
+
+    def __init__(self, model, dataset, spec: FeatureSpec, candidates_per_pass: int = 2**18):
+        import torch
+
+        self.model, self.per_pass = model, candidates_per_pass
+        self.user_of = self._lookup(dataset, dataset.uid_field, spec.num_users)
+        self.item_of = self._lookup(dataset, dataset.iid_field, spec.num_items)
+        self.all_items = torch.arange(spec.num_items)
+
+    @staticmethod
+    def _lookup(dataset, field: str, size: int):
+        import torch
+
+        lookup = torch.full((size,), -1, dtype=torch.long)  # -1: unknown to RecBole
+        for token, internal in dataset.field2token_id[field].items():
+            if token != "[PAD]":
+                lookup[int(token)] = internal
+        return lookup
+
+    def _forward(self, users, items):
+        import torch
+
+        rec_users, rec_items = self.user_of[users], self.item_of[items]
+        if bool((rec_users < 0).any()):
+            raise ValueError(f"users unknown to RecBole: {users[rec_users < 0][:5].tolist()}")
+        known = rec_items >= 0  # only reserved ids (< first_index) are unknown: masked by the ranking
+        with torch.no_grad():
+            logits = self.model(rec_users.unsqueeze(1).expand_as(rec_items).reshape(-1),
+                                rec_items.clamp(min=0).reshape(-1)).view(rec_items.shape)
+        return torch.where(known, logits, torch.full_like(logits, float("-inf")))
+
+    def score(self, users, items):
+        self.model.eval()
+        rows = max(1, self.per_pass // items.shape[1])
+        import torch
+
+        return torch.cat([self._forward(users[lo:lo + rows], items[lo:lo + rows]) for lo in range(0, len(users), rows)])
+
+    def score_all(self, users):
+        return self.score(users, self.all_items.expand(len(users), -1))
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not (args.data / "feature_spec.yaml").is_file():
-        print(f"error: {args.data} is not an ETL output directory (no feature_spec.yaml)", file=sys.stderr)
+    try:
+        spec = FeatureSpec.load(args.data)
+    except FeatureSpecError as exc:
+        print(f"recbole_baseline.py: error: {exc}", file=sys.stderr)
         return 2
 
     import torch
@@ -63,60 +134,74 @@ def main(argv=None) -> int:
     from recbole.model.general_recommender import NeuMF
     from recbole.trainer import Trainer
 
+    from models.ranking import SeenItems, evaluate, read_lists, train_matrix
+
     torch.set_num_threads(args.threads)
-    etl_dir = args.data.resolve()
+    test_lists = read_lists(spec, "test")
+    valid_lists = read_lists(spec, "validation") if spec.has_mapping("validation") else None
+    seen = SeenItems.from_csr(train_matrix(spec))
+    home = os.getcwd()
+    start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         os.chdir(tmp)  # RecBole writes log/ and log_tensorboard/ into the working directory
-        write_atomic_files(etl_dir, Path(tmp))
-        config = Config(
-            model="NeuMF",
-            dataset="ours",
-            config_dict={
+        try:
+            write_atomic_files(spec, Path(tmp))
+            config = Config(model="NeuMF", dataset="ours", config_dict={
                 "data_path": tmp,
                 "benchmark_filename": ["train", "valid", "test"],
-                "load_col": {"inter": ["user_id", "item_id"]},
-                # The reference configuration named in the training issue.
-                "mf_embedding_size": 64,
-                "mlp_embedding_size": 64,
-                "mlp_hidden_size": [128, 64],
-                "dropout_prob": 0.1,
-                "train_batch_size": args.batch_size,
-                "train_neg_sample_args": {"distribution": "uniform", "sample_num": 4},
+                "load_col": {"inter": ["user_id", "item_id"], "item": ["item_id"]},
+                "mf_embedding_size": 64, "mlp_embedding_size": 64, "mlp_hidden_size": [128, 64],
+                "dropout_prob": 0.1, "learning_rate": args.lr, "train_batch_size": args.batch_size,
+                "train_neg_sample_args": {"distribution": "uniform", "sample_num": NEGATIVES},
                 "eval_args": {"mode": "uni100", "order": "RO", "group_by": "user"},
-                "metrics": ["Hit", "NDCG"],
-                "topk": [10],
-                "device": "cpu",
-                "use_gpu": False,
-                "show_progress": False,
-                "checkpoint_dir": str(Path(tmp) / "saved"),
-                "seed": 2020,
-            },
-        )
-        dataset = create_dataset(config)
-        train_data, _valid_data, test_data = data_preparation(config, dataset)
-        model = NeuMF(config, train_data.dataset)
-        trainer = Trainer(config, model)
-
-        samples_per_epoch = len(train_data.dataset) * (1 + 4)
-        epochs = []
-        for epoch in range(args.epochs):
-            start = time.perf_counter()
-            loss = trainer._train_epoch(train_data, epoch, show_progress=False)
-            seconds = time.perf_counter() - start
-            epochs.append({"epoch": epoch, "loss": float(loss), "seconds": seconds,
-                           "samples_per_s": samples_per_epoch / seconds})
-            print(json.dumps(epochs[-1]), flush=True)
-        result = trainer.evaluate(test_data, load_best_model=False, show_progress=False)
+                "device": "cpu", "use_gpu": False, "show_progress": False,
+                "checkpoint_dir": str(Path(tmp) / "saved"), "seed": args.seed, "reproducibility": True,
+            })
+            dataset = create_dataset(config)
+            train_data, _, _ = data_preparation(config, dataset)
+            model = NeuMF(config, train_data.dataset)
+            trainer = Trainer(config, model)
+            scorer = Scorer(model, dataset, spec)
+            samples_per_epoch = len(train_data.dataset) * (1 + NEGATIVES)
+            epochs, best, best_state, stale = [], -1.0, None, 0
+            for epoch in range(args.epochs):
+                epoch_start = time.perf_counter()
+                loss = trainer._train_epoch(train_data, epoch, show_progress=False)
+                seconds = time.perf_counter() - epoch_start
+                record = {"epoch": epoch + 1, "loss": float(loss), "seconds": seconds,
+                          "samples_per_s": samples_per_epoch / seconds}
+                if valid_lists is not None:
+                    record["validation"] = evaluate(scorer.score, scorer.score_all, *valid_lists, seen,
+                                                    spec.first_item_index, args.k, full=False)
+                    hr = record["validation"][f"hr@{args.k}"]
+                    if hr > best:
+                        best, best_state, stale = hr, copy.deepcopy(model.state_dict()), 0
+                    else:
+                        stale += 1
+                epochs.append(record)
+                print(json.dumps(record), flush=True)
+                if valid_lists is not None and stale >= args.patience:
+                    break
+            fit_seconds = time.perf_counter() - start
+            best_epoch = len(epochs)
+            if best_state is not None:
+                model.load_state_dict(best_state)
+                best_epoch = max(epochs, key=lambda r: r["validation"][f"hr@{args.k}"])["epoch"]
+            test = evaluate(scorer.score, scorer.score_all, *test_lists, seen, spec.first_item_index, args.k)
+        finally:
+            os.chdir(home)
 
     steady = epochs[1:] or epochs
     summary = {
-        "reference": "RecBole NeuMF (emb 64, MLP [128,64], 4 negatives)",
-        "batch_size": args.batch_size,
-        "train_samples_per_s": sum(e["samples_per_s"] for e in steady) / len(steady),
-        "hr@10": float(result["hit@10"]),
-        "ndcg@10": float(result["ndcg@10"]),
+        "reference": f"RecBole NeuMF (emb 64, MLP [128,64], dropout 0.1, {NEGATIVES} negatives)",
+        "batch_size": args.batch_size, "lr": args.lr, "epochs": len(epochs), "best_epoch": best_epoch,
+        "fit_s": fit_seconds, "train_samples_per_s": sum(e["samples_per_s"] for e in steady) / len(steady),
+        "test": test,
     }
     print(json.dumps(summary))
+    if args.json is not None:
+        with atomic_file(args.json) as out:
+            out.write_text(json.dumps(summary, indent=2) + "\n")
     return 0
 
 
