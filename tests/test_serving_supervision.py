@@ -122,9 +122,14 @@ def test_a_request_that_aborts_the_server_is_survived_by_a_supervised_restart(ti
         assert regions, "the python backend's shm regions carry serve.py's prefix"
         with pytest.raises(Exception):
             _post(urls["http"], CRASH_BODY)  # the server aborts: the connection closes unanswered
-        # A good request, retried for a bounded time, succeeds once the server is back.
-        assert _double(urls["http"], retry_for_s=90) == [2, 4, 6]
+        # The dying server may still answer for a few seconds while it writes its stack trace:
+        # wait for the supervisor to record the restart, then a good request must succeed.
+        deadline = time.monotonic() + 180
+        while json.loads(ready.read_text())["restarts"] < 1:
+            assert process.poll() is None and time.monotonic() < deadline, "no supervised restart"
+            time.sleep(0.2)
         assert json.loads(ready.read_text())["restarts"] == 1
+        assert _double(urls["http"], retry_for_s=90) == [2, 4, 6]
         assert not [r for r in regions if r.exists()], "the crashed server's shm regions were removed"
         assert process.poll() is None
     finally:
