@@ -21,8 +21,7 @@ $(STAMP): requirements/cpu.lock pyproject.toml
 demo: $(STAMP)
 	$(PY) workflows/synthetic.py --preset demo --output $(DEMO)/raw
 	$(PY) workflows/etl.py --input $(DEMO)/raw --output $(DEMO)/etl
-	$(PY) models/train_ncf.py --data $(DEMO)/etl --output $(DEMO)/run --force \
-	    --epochs 10 --batch-size 16384 --threshold 0.9
+	$(PY) models/train_ncf.py --data $(DEMO)/etl --output $(DEMO)/run --force
 	$(PY) serving/export.py --data $(DEMO)/etl --run $(DEMO)/run --output $(DEMO)/model-repository --overwrite
 	$(PY) serving/client.py --serve $(DEMO)/model-repository --user 1 --top-k 10
 
@@ -35,6 +34,7 @@ recbole-venv: .venv-recbole/.installed
 .venv-recbole/.installed: requirements/recbole.txt
 	test -x .venv-recbole/bin/python || $(PYTHON) -m venv .venv-recbole
 	.venv-recbole/bin/python -m pip install --quiet "pip<26.3" -r requirements/recbole.txt
+	.venv-recbole/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .  # our metrics, not our deps
 	touch $@
 
 # RecBole's NeuMF trained on an ETL output's train positives, scored on its test lists.

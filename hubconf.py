@@ -8,12 +8,9 @@
 
 dependencies = ["torch"]
 
-import sys
 from pathlib import Path
 
-# hub imports this file by path; the repository's packages must be importable from it.
-if str(Path(__file__).resolve().parent) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The models are imported from the installed package (`pip install -e .` in this checkout).
 
 
 def _load(name: str, nb_users=None, nb_items=None, pretrained=False, checkpoint=None, interactions=None, **config):
@@ -21,8 +18,8 @@ def _load(name: str, nb_users=None, nb_items=None, pretrained=False, checkpoint=
     constructor's keyword arguments. With `checkpoint` (or `pretrained` given a path): that
     trained checkpoint, or a run directory's checkpoints/best.pt, in eval mode; nb_users /
     nb_items, if given, must match it."""
-    from models import checkpoint as ckpt
-    from models.registry import model_class, model_name
+    from merlin_ncf.models import checkpoint as ckpt
+    from merlin_ncf.models.registry import model_class, model_name, model_from
 
     cls = model_class(name)
     if isinstance(pretrained, (str, Path)):
@@ -40,7 +37,7 @@ def _load(name: str, nb_users=None, nb_items=None, pretrained=False, checkpoint=
     path = Path(checkpoint)
     if path.is_dir():
         path = path / "checkpoints" / "best.pt"
-    model = ckpt.model_from(ckpt.load(path), path)
+    model = model_from(ckpt.load(path), path)
     if not isinstance(model, cls) or (name != "neumf" and model_name(model) != name):
         raise ValueError(f"{path} holds a {model_name(model)} model, not {name}")
     for key, wanted in (("nb_users", nb_users), ("nb_items", nb_items)):

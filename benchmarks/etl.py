@@ -28,10 +28,8 @@ from pathlib import Path
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
-if __package__ in (None, ""):
-    sys.path[0] = str(REPO)
 
-from workflows.errors import OneLineArgumentParser  # noqa: E402
+from merlin_ncf.errors import OneLineArgumentParser  # noqa: E402
 
 ML20M_ROWS, ML20M_USERS, ML20M_ITEMS = 20_000_263, 138_493, 26_744
 PHASES = ("read", "filter", "encode", "split", "negatives", "write")

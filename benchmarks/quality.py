@@ -26,10 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from workflows.errors import EXIT_USER_ERROR, OneLineArgumentParser, UserError, one_line  # noqa: E402
+from merlin_ncf.errors import EXIT_USER_ERROR, OneLineArgumentParser, UserError, one_line  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PROG = "quality.py"
@@ -69,8 +67,8 @@ class Bench:
     """What every row is scored against: the ETL's train matrix and its test/validation lists."""
 
     def __init__(self, data: Path, k: int):
-        from models.ranking import SeenItems, read_lists, train_matrix
-        from workflows.feature_spec import FeatureSpec, FeatureSpecError
+        from merlin_ncf.models.ranking import SeenItems, read_lists, train_matrix
+        from merlin_ncf.feature_spec import FeatureSpec, FeatureSpecError
 
         try:
             self.spec = FeatureSpec.load(data)
@@ -83,14 +81,14 @@ class Bench:
         self.k = k
 
     def evaluate(self, score, score_all, lists=None) -> dict:
-        from models.ranking import evaluate
+        from merlin_ncf.models.ranking import evaluate
 
         users, items = lists or self.test
         return evaluate(score, score_all, users, items, self.seen, self.spec.first_item_index, self.k)
 
 
 def baseline_rows(bench: Bench, args) -> list[dict]:
-    from models.baselines import EASE, ItemKNN, Popularity
+    from merlin_ncf.models.baselines import EASE, ItemKNN, Popularity
 
     rows = []
     for name in [m for m in args.models if m in ("popularity", "ease", "itemknn")]:
@@ -123,8 +121,10 @@ def neumf_row(bench: Bench, args, variant: str, workdir: Path) -> dict:
     """train_ncf.py with its defaults (plus --train-args) in a subprocess; its best.pt scored here."""
     import torch
 
-    from models import checkpoint as ckpt
-    from models.ranking import score_all_items
+    from merlin_ncf.models import checkpoint as ckpt
+
+    from merlin_ncf.models.registry import model_from
+    from merlin_ncf.models.ranking import score_all_items
 
     run = workdir / f"run-{variant}"
     command = [sys.executable, str(REPO / "models" / "train_ncf.py"), "--data", str(args.data), "--output", str(run),
@@ -136,7 +136,7 @@ def neumf_row(bench: Bench, args, variant: str, workdir: Path) -> dict:
     if result.returncode != 0:
         raise UserError(f"train_ncf.py --variant {variant} exited {result.returncode}: "
                         f"{(result.stderr.strip().splitlines() or ['no message'])[-1]}")
-    model = ckpt.model_from(ckpt.load(run / "checkpoints" / "best.pt"))
+    model = model_from(ckpt.load(run / "checkpoints" / "best.pt"))
     model.eval()
     history = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
     steady = history[1:] or history  # the first epoch pays for warm-up
@@ -214,7 +214,7 @@ def plot(rows: list[dict], k: int, title: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from workflows.atomic import atomic_file
+    from merlin_ncf.atomic import atomic_file
 
     metrics = [(f"hr@{k}", f"sampled HR@{k}"), (f"ndcg@{k}", f"sampled NDCG@{k}"),
                (f"full_recall@{k}", f"full Recall@{k}"), (f"full_ndcg@{k}", f"full NDCG@{k}")]
@@ -237,7 +237,7 @@ def plot(rows: list[dict], k: int, title: str, path: Path) -> None:
 
 
 def write_outputs(rows: list[dict], bench: Bench, args) -> None:
-    from workflows.atomic import atomic_file
+    from merlin_ncf.atomic import atomic_file
 
     args.output.mkdir(parents=True, exist_ok=True)
     spec = bench.spec

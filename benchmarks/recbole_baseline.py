@@ -32,14 +32,12 @@ from pathlib import Path
 # RecBole's checkpoints hold numpy objects that torch>=2.6 refuses to unpickle by default.
 os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
 
-if __package__ in (None, ""):  # run as a script (in RecBole's venv): make the repository importable
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from workflows.atomic import atomic_file  # noqa: E402
-from workflows.feature_spec import FeatureSpec, FeatureSpecError  # noqa: E402
+from merlin_ncf.atomic import atomic_file  # noqa: E402
+from merlin_ncf.feature_spec import FeatureSpec, FeatureSpecError  # noqa: E402
 
 NEGATIVES = 4
 
@@ -62,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def write_atomic_files(spec: FeatureSpec, out_dir: Path) -> None:
     """RecBole's pre-split benchmark files ours.{train,valid,test}.inter (positives only:
     RecBole evaluates nothing of its own here) and ours.item with every real item."""
-    from models.ranking import read_pairs
+    from merlin_ncf.models.ranking import read_pairs
 
     (out_dir / "ours").mkdir(parents=True)
     columns = {"user_id:token": None, "item_id:token": None}
@@ -134,7 +132,7 @@ def main(argv=None) -> int:
     from recbole.model.general_recommender import NeuMF
     from recbole.trainer import Trainer
 
-    from models.ranking import SeenItems, evaluate, read_lists, train_matrix
+    from merlin_ncf.models.ranking import SeenItems, evaluate, read_lists, train_matrix
 
     torch.set_num_threads(args.threads)
     test_lists = read_lists(spec, "test")

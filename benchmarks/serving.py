@@ -20,15 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-if __package__ in (None, ""):  # run as `python benchmarks/serving.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 import pandas as pd
 
-from serving.errors import ServingError, run_cli
-from workflows.cluster import quiet_merlin
-from workflows.feature_spec import FeatureSpec
+from merlin_ncf.serving.errors import ServingError, run_cli
+from merlin_ncf.workflows.cluster import quiet_merlin
+from merlin_ncf.feature_spec import FeatureSpec
 
 Request = tuple[int, "np.ndarray | None"]  # (raw user, raw candidates or None for every item)
 
@@ -133,7 +131,7 @@ def all_items_requests(candidates: list[Request]) -> list[Request]:
 
 
 def served(url: str, protocol: str, top_k: int) -> Callable[[], Callable[[Request], object]]:
-    from serving.client import RecommenderClient
+    from merlin_ncf.serving.client import RecommenderClient
 
     def connect():
         client = RecommenderClient(url, protocol)
@@ -154,8 +152,8 @@ def in_process(repository: Path, compiled: bool, top_k: int) -> Callable[[], Cal
     """The exported workflow step's encoding and the TorchScript, called directly."""
     import torch
 
-    from serving.export import MODEL_STEP, load_request_encoder
-    from serving.repository import VERSION
+    from merlin_ncf.serving.export import MODEL_STEP, load_request_encoder
+    from merlin_ncf.serving.repository import VERSION
 
     encoder = load_request_encoder(repository, compiled=compiled)
     model = torch.jit.load(str(repository / MODEL_STEP / VERSION / "model.pt"), map_location="cpu").eval()
@@ -245,9 +243,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     quiet_merlin()
-    from serving.export import export
-    from serving.serve import TritonServer
-    from workflows.feature_spec import FeatureSpecError
+    from merlin_ncf.serving.export import export
+    from merlin_ncf.serving.serve import TritonServer
+    from merlin_ncf.feature_spec import FeatureSpecError
 
     if (args.run is None) == (args.repository is None):
         raise ServingError("pass either --run (exported here) or --repository (an existing export)")

@@ -27,14 +27,13 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python benchmarks/soak.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 
 from benchmarks.serving import candidate_lists
-from serving.errors import ServerUnavailable, ServingError, run_cli
-from workflows.errors import OneLineArgumentParser
+from merlin_ncf.serving.errors import ServerUnavailable, ServingError
+from merlin_ncf.errors import run_cli
+from merlin_ncf.errors import OneLineArgumentParser
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BAD_KINDS = ("unknown user", "unknown item", "empty items", "mismatched lengths", "top_k zero", "float ids")
@@ -58,7 +57,7 @@ class Tally:
 
 def good_client(url: str, protocol: str, requests, top_k: int, stop_at: float, retry_for: float, tally: Tally,
                 started: float, seed: int) -> None:
-    from serving.client import RecommenderClient
+    from merlin_ncf.serving.client import RecommenderClient
 
     rng = np.random.default_rng(seed)
     with RecommenderClient(url, protocol, retry_for_s=retry_for, timeout_s=30) as client:
@@ -83,7 +82,7 @@ def good_client(url: str, protocol: str, requests, top_k: int, stop_at: float, r
 
 
 def bad_client(url: str, protocol: str, requests, stop_at: float, retry_for: float, tally: Tally, seed: int) -> None:
-    from serving.client import RecommenderClient
+    from merlin_ncf.serving.client import RecommenderClient
 
     rng = np.random.default_rng(seed)
     with RecommenderClient(url, protocol, retry_for_s=retry_for, timeout_s=30) as client:
@@ -232,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ServingError("--bad-clients must be >= 0 and leave at least one good client")
     if args.duration <= 0 or args.retry_for < 0:
         raise ServingError("--duration must be > 0 and --retry-for >= 0")
-    from workflows.feature_spec import FeatureSpec, FeatureSpecError
+    from merlin_ncf.feature_spec import FeatureSpec, FeatureSpecError
 
     try:
         requests = candidate_lists(FeatureSpec.load(args.data), 500, args.seed)

@@ -24,8 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = dict(mf_dim=64, mlp_layers=[128, 128, 64], dropout=0.1)
@@ -79,12 +77,12 @@ def worker(args) -> None:
     """One sweep point, in this process (rank 0 prints a JSON line)."""
     import torch
 
-    from models.data import load_candidates, open_etl
-    from models.distributed import from_environment
-    from models.neumf import NeuMF
-    from models.trainer import Trainer, TrainOptions
+    from merlin_ncf.models.data import load_candidates, open_etl
+    from merlin_ncf.models.distributed import from_environment
+    from merlin_ncf.models.neumf import NeuMF
+    from merlin_ncf.models.trainer import Trainer, TrainOptions
 
-    from models.train_ncf import choose_device
+    from merlin_ncf.models.train_ncf import choose_device
 
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
@@ -116,7 +114,7 @@ def worker(args) -> None:
 def train_rows(data: Path) -> int:
     import pyarrow.parquet as pq
 
-    from workflows.feature_spec import FeatureSpec
+    from merlin_ncf.feature_spec import FeatureSpec
 
     return sum(pq.ParquetFile(f).metadata.num_rows for f in FeatureSpec.load(data).files("train"))
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from workflows.errors import UserError
+from merlin_ncf.errors import UserError
 
 
 class BaselineError(UserError):

@@ -19,9 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.errors import TrainingError
-from models.registry import build_model
-from workflows.atomic import atomic_file
+from merlin_ncf.models.errors import TrainingError
+from merlin_ncf.atomic import atomic_file
 
 FORMAT = "merlin-ncf-checkpoint/1"  # the state inside the envelope
 ENVELOPE = "merlin-ncf-checkpoint-envelope/1"
@@ -85,14 +84,3 @@ def _torch_load(source, path: Path):
         return torch.load(source, map_location="cpu", weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, OSError) as exc:
         raise TrainingError(f"corrupt checkpoint {path}, or not a torch checkpoint ({type(exc).__name__})") from None
-
-
-def model_from(state: dict, path: str | Path = "checkpoint") -> torch.nn.Module:
-    """Rebuild the checkpoint's model and load its weights."""
-    try:
-        model = build_model(state["model"]["name"], state["model"]["config"])
-        model.load_state_dict(state["model"]["state"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise TrainingError(f"checkpoint {path} does not fit its model: {first}") from None
-    return model

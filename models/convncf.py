@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from models.contract import DataFacts, PairwiseBatch, Recommender, positive_int
+from merlin_ncf.models.contract import DataFacts, PairwiseBatch, Recommender, positive_int
 
 
 class ConvNCF(Recommender):

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.errors import TrainingError
-from workflows.errors import one_line
-from workflows.feature_spec import TEST, TRAIN, VALIDATION, FeatureSpec, FeatureSpecError
+from merlin_ncf.models.errors import TrainingError
+from merlin_ncf.errors import one_line
+from merlin_ncf.feature_spec import TEST, TRAIN, VALIDATION, FeatureSpec, FeatureSpecError
 
 # merlin.io warns on every CPU Dataset; CPU is a supported mode of this project.
 warnings.filterwarnings("ignore", message=".*CPU mode.*experimental feature.*")

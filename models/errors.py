@@ -1,10 +1,10 @@
 """The exception for expected user errors in training (bad data, options or checkpoints).
 
-Commands print its message as one line and exit with workflows.errors.EXIT_USER_ERROR.
+Commands print its message as one line and exit with merlin_ncf.errors.EXIT_USER_ERROR.
 """
 
 
-from workflows.errors import UserError
+from merlin_ncf.errors import UserError
 
 
 class TrainingError(UserError):

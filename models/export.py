@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from workflows.atomic import atomic_file
+from merlin_ncf.atomic import atomic_file
 
 
 class Scorer(nn.Module):

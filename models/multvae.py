@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from models.contract import DataFacts, Recommender, UserRowsBatch, positive_int
+from merlin_ncf.models.contract import DataFacts, Recommender, UserRowsBatch, positive_int
 
 
 def csr_rows(users, items, nb_users: int, nb_items: int) -> tuple[torch.Tensor, torch.Tensor]:

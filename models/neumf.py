@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from models.contract import DataFacts, PointwiseBatch, Recommender, positive_int
-from models.layers import DenseReluDropout, mlp_tower
+from merlin_ncf.models.contract import DataFacts, PointwiseBatch, Recommender, positive_int
+from merlin_ncf.models.layers import DenseReluDropout, mlp_tower
 
 VARIANTS = ("neumf", "gmf", "mlp")
 
@@ -138,12 +138,20 @@ class NeuMF(Recommender):
         if args.pretrained_gmf is None:
             return cls(data.num_users, data.num_items, mf_dim=args.factors, mlp_layers=args.mlp_layers,
                        dropout=args.dropout, variant=args.variant)
-        from models import checkpoint as ckpt  # checkpoint -> registry -> neumf: import when used
-        from models.errors import TrainingError
+        from merlin_ncf.models import checkpoint as ckpt
+        from merlin_ncf.models.errors import TrainingError
 
         branches = []
         for path in (args.pretrained_gmf, args.pretrained_mlp):
-            branch = ckpt.model_from(ckpt.load(path), path)
+            state = ckpt.load(path)
+            # The branches are this file's own classes, so no registry lookup (registry imports this file).
+            family = {"neumf": NeuMF, "gmf": GMF, "mlp": MLP}
+            try:
+                branch = family[state["model"]["name"]](**state["model"]["config"])
+                branch.load_state_dict(state["model"]["state"])
+            except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+                raise TrainingError(f"checkpoint {path} is not a GMF or MLP model of this data: "
+                                    f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
             shape = (branch.config.get("nb_users"), branch.config.get("nb_items"))
             if shape != (data.num_users, data.num_items):
                 raise TrainingError(f"checkpoint {path} is for {shape[0]} users x {shape[1]} items, "

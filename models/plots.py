@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from workflows.atomic import atomic_file
+from merlin_ncf.atomic import atomic_file
 
 
 def plot_history(history: list[dict], path: Path) -> None:

@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from models.metrics import hit_and_ndcg_sums, rank_against, sums_from_ranks
+from merlin_ncf.models.metrics import hit_and_ndcg_sums, rank_against, sums_from_ranks
 
 ScoreAll = Callable[[torch.Tensor], torch.Tensor]  # users [B] -> scores [B, num_items]
 
@@ -59,7 +59,7 @@ def interaction_matrix(users: np.ndarray, items: np.ndarray, num_users: int, num
 
 
 def train_matrix(spec) -> "scipy.sparse.csr_matrix":  # noqa: F821
-    """The train positives of an ETL output (a workflows.feature_spec.FeatureSpec) as a
+    """The train positives of an ETL output (a merlin_ncf.feature_spec.FeatureSpec) as a
     binary users x items CSR matrix: what baselines fit on and full ranking excludes."""
     users, items = read_pairs(spec.files("train"), spec.user_feature, spec.item_feature, spec.label_feature)
     return interaction_matrix(users, items, spec.num_users, spec.num_items)

@@ -4,10 +4,13 @@ checkpoints, the hub entry and export build or rebuild any model from its name a
 
 from __future__ import annotations
 
-from models.contract import Recommender
-from models.convncf import ConvNCF
-from models.multvae import MultVAE
-from models.neumf import GMF, MLP, NeuMF
+from pathlib import Path
+
+from merlin_ncf.models.contract import Recommender
+from merlin_ncf.models.convncf import ConvNCF
+from merlin_ncf.models.errors import TrainingError
+from merlin_ncf.models.multvae import MultVAE
+from merlin_ncf.models.neumf import GMF, MLP, NeuMF
 
 MODELS: dict[str, type[Recommender]] = {
     "neumf": NeuMF,
@@ -33,3 +36,14 @@ def model_name(model: Recommender) -> str:
         if type(model) is cls:
             return name
     raise KeyError(f"{type(model).__name__} is not a registered model")
+
+
+def model_from(state: dict, path: str | Path = "checkpoint") -> Recommender:
+    """Rebuild the checkpoint's model and load its weights."""
+    try:
+        model = build_model(state["model"]["name"], state["model"]["config"])
+        model.load_state_dict(state["model"]["state"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise TrainingError(f"checkpoint {path} does not fit its model: {first}") from None
+    return model

@@ -17,12 +17,11 @@ import sys
 from dataclasses import asdict, fields
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from models.errors import TrainingError
-from models.defaults import NEGATIVE_SAMPLING
-from workflows.errors import EXIT_USER_ERROR, UserError, one_line
+from merlin_ncf.models.errors import TrainingError
+from merlin_ncf.models.defaults import NEGATIVE_SAMPLING
+from merlin_ncf.errors import EXIT_USER_ERROR, UserError, one_line
+from merlin_ncf.errors import run_cli  # noqa: E402
 
 PROG = "train_ncf.py"
 
@@ -175,7 +174,7 @@ def choose_device(name: str):
 
 def choose_defaults(args, data, world: int = 1, verbose: bool = False) -> None:
     """Fill the auto options from the training set's size, and print them if `verbose`."""
-    from models.defaults import resolve
+    from merlin_ncf.models.defaults import resolve
 
     picked = resolve(args, data.train_rows)
     if args.batch_size // (world * args.grad_accumulation * (1 + args.negatives)) < 1:
@@ -187,7 +186,7 @@ def choose_defaults(args, data, world: int = 1, verbose: bool = False) -> None:
 
 
 def train_options(args: argparse.Namespace):
-    from models.trainer import TrainOptions
+    from merlin_ncf.models.trainer import TrainOptions
 
     names = {f.name for f in fields(TrainOptions)}
     values = {k: v for k, v in vars(args).items() if k in names}
@@ -195,15 +194,16 @@ def train_options(args: argparse.Namespace):
 
 
 def build_model(args, data):
-    from models import checkpoint as ckpt
-    from models.neumf import NeuMF
+    from merlin_ncf.models import checkpoint as ckpt
+    from merlin_ncf.models.registry import model_from
+    from merlin_ncf.models.neumf import NeuMF
 
     if args.pretrained_gmf is None:
         return NeuMF(data.num_users, data.num_items, mf_dim=args.factors, mlp_layers=args.mlp_layers,
                      dropout=args.dropout, variant=args.variant)
     branches = []
     for path in (args.pretrained_gmf, args.pretrained_mlp):
-        branch = ckpt.model_from(ckpt.load(path), path)
+        branch = model_from(ckpt.load(path), path)
         check_fits(branch.config, data, path)
         branches.append(branch)
     try:
@@ -228,8 +228,8 @@ RUN = "run"  # the marker's kind (workflows/atomic.py)
 def check_output(args) -> dict | None:
     """Refuse an output that overlaps the data, is not a run of ours, or holds a run that
     neither --resume nor --force names; return the checkpoint to resume, if any. Writes nothing."""
-    from models import checkpoint as ckpt
-    from workflows.atomic import MARKER, check_replaceable, written_by_us
+    from merlin_ncf.models import checkpoint as ckpt
+    from merlin_ncf.atomic import MARKER, check_replaceable, written_by_us
 
     out = args.output
     check_replaceable(out, RUN, inputs=[args.data], overwrite=True)  # overlap, or not a directory
@@ -253,7 +253,7 @@ def create_run_dir(out: Path) -> bool:
     import shutil
     import tempfile
 
-    from workflows.atomic import mark
+    from merlin_ncf.atomic import mark
 
     created = True
     try:
@@ -275,7 +275,7 @@ def discard_unstarted_run(out: Path, created: bool) -> None:
     a rerun: remove what create_run_dir made."""
     import shutil
 
-    from workflows.atomic import MARKER
+    from merlin_ncf.atomic import MARKER
 
     if (out / "checkpoints" / "last.pt").exists():
         return  # a run with epochs worth resuming
@@ -287,12 +287,13 @@ def discard_unstarted_run(out: Path, created: bool) -> None:
 
 
 def run_test(args, data, device) -> int:
-    from models import checkpoint as ckpt
-    from models.data import load_candidates
-    from models.trainer import Trainer
+    from merlin_ncf.models import checkpoint as ckpt
+    from merlin_ncf.models.registry import model_from
+    from merlin_ncf.models.data import load_candidates
+    from merlin_ncf.models.trainer import Trainer
 
     path = args.checkpoint or args.output / "checkpoints" / "best.pt"
-    model = ckpt.model_from(ckpt.load(path), path)
+    model = model_from(ckpt.load(path), path)
     check_fits(model.config, data, path)
     trainer = Trainer(model, data, train_options(args), device)
     hr, ndcg, rate = trainer.evaluate(load_candidates(data, "test"))
@@ -303,7 +304,7 @@ def run_test(args, data, device) -> int:
 def run_train(args, data, device, context, resume: dict | None) -> int:
     import torch
 
-    from models.data import load_candidates
+    from merlin_ncf.models.data import load_candidates
 
     torch.manual_seed(args.seed)  # initialisation
     model = build_model(args, data)
@@ -328,10 +329,11 @@ def run_train(args, data, device, context, resume: dict | None) -> int:
 
 
 def train_in(args, data, device, context, resume, model, eval_lists, test_lists, fingerprint) -> int:
-    from models import checkpoint as ckpt
-    from models.export import save_json, save_torchscript
-    from models.plots import plot_history
-    from models.trainer import Trainer, write_jsonl
+    from merlin_ncf.models import checkpoint as ckpt
+    from merlin_ncf.models.registry import model_from
+    from merlin_ncf.models.export import save_json, save_torchscript
+    from merlin_ncf.models.plots import plot_history
+    from merlin_ncf.models.trainer import Trainer, write_jsonl
 
     context.barrier()  # rank 0 has made the run directory
     options = train_options(args)
@@ -352,7 +354,7 @@ def train_in(args, data, device, context, resume, model, eval_lists, test_lists,
         raise TrainingError(f"no epoch reached a finite {eval_split} HR@{options.topk}: nothing to keep")
     context.barrier()  # best.pt is on disk
     best_path = args.output / "checkpoints" / "best.pt"
-    trainer.model.load_state_dict(ckpt.model_from(ckpt.load(best_path), best_path).state_dict())
+    trainer.model.load_state_dict(model_from(ckpt.load(best_path), best_path).state_dict())
     if eval_split == "test":
         best = state.history[state.best_epoch - 1]
         hr, ndcg = best["hr"], best["ndcg"]
@@ -382,8 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import torch
 
-        from models.data import open_etl
-        from models.distributed import from_environment
+        from merlin_ncf.models.data import open_etl
+        from merlin_ncf.models.distributed import from_environment
 
         device = choose_device(args.device)
         local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -405,4 +407,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

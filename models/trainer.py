@@ -22,14 +22,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from models import checkpoint as ckpt
-from models.data import Candidates, EtlData, batch_columns, check_ids, seed_shuffle, train_loader, train_pairs
-from models.distributed import Context
-from models.metrics import hit_and_ndcg_sums
-from models.registry import model_name
-from models.errors import TrainingError
-from models.sampler import NegativeSampler, epoch_generator, seen_keys
-from workflows.atomic import atomic_file
+from merlin_ncf.models import checkpoint as ckpt
+from merlin_ncf.models.data import Candidates, EtlData, batch_columns, check_ids, seed_shuffle, train_loader, train_pairs
+from merlin_ncf.models.distributed import Context
+from merlin_ncf.models.metrics import hit_and_ndcg_sums
+from merlin_ncf.models.registry import model_name
+from merlin_ncf.models.errors import TrainingError
+from merlin_ncf.models.sampler import NegativeSampler, epoch_generator, seen_keys
+from merlin_ncf.atomic import atomic_file
 
 
 @dataclass

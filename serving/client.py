@@ -13,13 +13,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python serving/client.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 
-from serving.errors import ServerUnavailable, ServingError, run_cli
-from workflows.errors import OneLineArgumentParser
+from merlin_ncf.serving.errors import ServerUnavailable, ServingError
+from merlin_ncf.errors import run_cli
+from merlin_ncf.errors import OneLineArgumentParser
 
 PROTOCOLS = ("http", "grpc")
 DEFAULT_URLS = {"http": "127.0.0.1:8000", "grpc": "127.0.0.1:8001"}
@@ -236,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                            f"got {args.top_k}")
     if args.serve is None:
         return query(args, args.url)
-    from serving.serve import TritonServer
+    from merlin_ncf.serving.serve import TritonServer
 
     print(f"starting tritonserver on {args.serve} ...", file=sys.stderr, flush=True)
     with TritonServer(args.serve) as server:

@@ -19,25 +19,24 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python serving/export.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 import tritonclient.grpc.model_config_pb2 as mc
 
-from serving.errors import ServingError, run_cli
-from serving.repository import VERSION, read_config, tensor, validate_repository, write_config
-from workflows.atomic import atomic_directory, check_replaceable
-from workflows.cluster import quiet_merlin
-from workflows.errors import OneLineArgumentParser, UserError, one_line
-from workflows.feature_spec import FeatureSpec, FeatureSpecError
+from merlin_ncf.serving.errors import ServingError
+from merlin_ncf.errors import run_cli
+from merlin_ncf.serving.repository import VERSION, read_config, tensor, validate_repository, write_config
+from merlin_ncf.atomic import atomic_directory, check_replaceable
+from merlin_ncf.workflows.cluster import quiet_merlin
+from merlin_ncf.errors import OneLineArgumentParser, UserError, one_line
+from merlin_ncf.feature_spec import FeatureSpec, FeatureSpecError
 
 FLAVOURS = ("auto", "python", "libtorch")
 WORKFLOW_STEP, MODEL_STEP, TOP_K_STEP = "workflow", "model", "top_k"
 SCORES_ENSEMBLE, RECOMMEND_ENSEMBLE = "scores", "recommend"
 MODEL_SOURCES = Path(__file__).resolve().parent / "triton_models"
 HELPERS = (MODEL_SOURCES / "common.py",)
-REPOSITORY_KIND = "repository"  # workflows.atomic's marker in every repository export writes
+REPOSITORY_KIND = "repository"  # merlin_ncf.atomic's marker in every repository export writes
 # Repositories written before the marker: recognised by the layout every export writes.
 LEGACY_REPOSITORY_LAYOUT = (f"{WORKFLOW_STEP}/config.pbtxt", f"{MODEL_STEP}/config.pbtxt", f"{SCORES_ENSEMBLE}/config.pbtxt")
 
@@ -133,7 +132,7 @@ def resolve_flavour(flavour: str) -> str:
     """'auto' picks libtorch when the server found here has the pytorch backend, else python."""
     if flavour != "auto":
         return flavour
-    from serving.server_runtime import LIBTORCH_BACKEND, find_tritonserver
+    from merlin_ncf.serving.server_runtime import LIBTORCH_BACKEND, find_tritonserver
 
     try:
         return "libtorch" if find_tritonserver().supports(LIBTORCH_BACKEND) else "python"
@@ -163,7 +162,7 @@ def write_workflow_step(repo: Path, inputs: ExportInputs, unknown_ids: str, inst
     )
     shutil.copytree(inputs.workflow_dir, version_dir / "workflow")
     if exclude_seen:
-        from serving.inference_workflow import SEEN_FILE
+        from merlin_ncf.serving.inference_workflow import SEEN_FILE
 
         seen_items(inputs).save(version_dir / SEEN_FILE)
     config = mc.ModelConfig(name=WORKFLOW_STEP, backend="python", instance_group=_cpu_instances(instances))
@@ -189,7 +188,7 @@ def seen_items(inputs: ExportInputs) -> "SeenItems":
     """Every (user, item) the ETL output holds: training pairs and the held-out positives."""
     import pandas as pd
 
-    from serving.inference_workflow import SeenItems
+    from merlin_ncf.serving.inference_workflow import SeenItems
 
     label = inputs.spec.label_feature
     frames = [pd.read_parquet(f, columns=[inputs.user, inputs.item]) for f in inputs.spec.files("train")]
@@ -320,7 +319,7 @@ def write_recommend_ensemble(repo: Path, inputs: ExportInputs) -> None:
 
 def load_request_encoder(repo: Path, compiled: bool = True):
     """The exported workflow step's encoder, as the server's workflow step loads it."""
-    from serving.inference_workflow import RequestEncoder
+    from merlin_ncf.serving.inference_workflow import RequestEncoder
 
     config = read_config(repo / WORKFLOW_STEP / "config.pbtxt")
     parameters = {key: value.string_value for key, value in config.parameters.items()}
@@ -405,9 +404,9 @@ def check_output(output: Path, data: Path, run: Path, overwrite: bool) -> None:
 
 def verify_with_server(repo: Path, inputs: ExportInputs, flavour: str, recommend: bool) -> None:
     """Serve the repository with the tritonserver found here and send one request per ensemble."""
-    from serving.client import RecommenderClient
-    from serving.serve import TritonServer
-    from serving.server_runtime import LIBTORCH_BACKEND, find_tritonserver
+    from merlin_ncf.serving.client import RecommenderClient
+    from merlin_ncf.serving.serve import TritonServer
+    from merlin_ncf.serving.server_runtime import LIBTORCH_BACKEND, find_tritonserver
 
     installation = find_tritonserver()
     if flavour == "libtorch" and not installation.supports(LIBTORCH_BACKEND):

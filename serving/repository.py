@@ -13,7 +13,7 @@ from pathlib import Path
 import tritonclient.grpc.model_config_pb2 as mc
 from google.protobuf import text_format
 
-from serving.errors import ServingError
+from merlin_ncf.serving.errors import ServingError
 
 CONFIG = "config.pbtxt"
 VERSION = "1"

@@ -19,11 +19,10 @@ import time
 from pathlib import Path
 from typing import IO
 
-if __package__ in (None, ""):  # run as `python serving/serve.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from serving.errors import ServingError, run_cli
-from serving.server_runtime import (
+from merlin_ncf.serving.errors import ServingError
+from merlin_ncf.errors import run_cli
+from merlin_ncf.serving.server_runtime import (
     TritonInstallation,
     die_with_parent_preexec,
     find_tritonserver,
@@ -31,8 +30,8 @@ from serving.server_runtime import (
     owns_listening_port,
     server_environment,
 )
-from workflows.atomic import atomic_file
-from workflows.errors import OneLineArgumentParser
+from merlin_ncf.atomic import atomic_file
+from merlin_ncf.errors import OneLineArgumentParser
 
 STOP_GRACE_S = 45.0
 RESTART_FIRST_DELAY_S, RESTART_MAX_DELAY_S = 0.5, 30.0

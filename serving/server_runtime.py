@@ -19,7 +19,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from serving.errors import ServingError
+from merlin_ncf.serving.errors import ServingError
 
 PYTHON_BACKEND = "python"
 LIBTORCH_BACKEND = "pytorch"

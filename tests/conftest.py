@@ -88,7 +88,7 @@ def write_tiny_repository(root: Path, model_py: str = DOUBLE_MODEL) -> Path:
     only: it starts in seconds, for the server's life cycle (start, crash, restart, stop)."""
     import tritonclient.grpc.model_config_pb2 as mc
 
-    from serving.repository import tensor, write_config
+    from merlin_ncf.serving.repository import tensor, write_config
 
     config = mc.ModelConfig(name="double", backend="python")
     config.input.append(tensor(mc.ModelInput, "x", mc.TYPE_INT64))

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from models.baselines import EASE, BaselineError, ItemKNN, Popularity
-from models.metrics import hit_and_ndcg_sums
-from models.ranking import SeenItems, full_ranking_sums, interaction_matrix
+from merlin_ncf.models.baselines import EASE, BaselineError, ItemKNN, Popularity
+from merlin_ncf.models.metrics import hit_and_ndcg_sums
+from merlin_ncf.models.ranking import SeenItems, full_ranking_sums, interaction_matrix
 
 
 def random_matrix(seed=0, users=30, items=12):

@@ -14,8 +14,8 @@ import yaml
 
 from conftest import run_command
 from data.dle_examples import NEGATIVES, USERS, interactions, write_ncf, write_two_chunk
-from workflows.dle_spec import check, load_spec, read_mapping
-from workflows.errors import EtlError
+from merlin_ncf.workflows.dle_spec import check, load_spec, read_mapping
+from merlin_ncf.errors import EtlError
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +126,8 @@ def test_torch_file_that_is_not_a_tensor_is_one_line(examples, tmp_path):
 def test_project_etl_output_follows_the_format(etl_dir, tmp_path, monkeypatch):
     """The other direction: what workflows/etl.py writes is a valid spec directory (and is
     recognised as ours, so it is never transcoded)."""
-    from workflows.datasets import CACHE_ENV
-    from workflows.transcode import etl_directory
+    from merlin_ncf.workflows.datasets import CACHE_ENV
+    from merlin_ncf.workflows.transcode import etl_directory
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     assert etl_directory(etl_dir) == etl_dir and not (tmp_path / "cache").exists()

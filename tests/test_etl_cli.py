@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_command
-from workflows.atomic import atomic_directory
+from merlin_ncf.atomic import atomic_directory
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

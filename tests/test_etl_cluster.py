@@ -44,7 +44,7 @@ def test_gpu_run_matches_cpu_run(raw_dir, etl_dir, tmp_path):
     """cuDF + dask-cuda (one LocalCUDACluster worker) filter, encode and split like pandas."""
     import pandas as pd
 
-    from workflows.feature_spec import FeatureSpec
+    from merlin_ncf.feature_spec import FeatureSpec
 
     out = tmp_path / "gpu"
     run_command("workflows/etl.py", "--input", str(raw_dir), "--output", str(out), "--validation",
@@ -70,7 +70,7 @@ def test_gpu_run_matches_cpu_run(raw_dir, etl_dir, tmp_path):
 
 LISTEN_PROBE = """
 import sys, psutil, urllib.error, urllib.request
-from workflows.cluster import dask_client
+from merlin_ncf.workflows.cluster import dask_client
 
 def listening():
     procs = [psutil.Process()] + psutil.Process().children(recursive=True)

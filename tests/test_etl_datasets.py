@@ -6,8 +6,8 @@ import zipfile
 
 import pytest
 
-from workflows import datasets
-from workflows.errors import EtlError
+from merlin_ncf.workflows import datasets
+from merlin_ncf.errors import EtlError
 
 
 def _archive(tmp_path, content=b"1::2::5::978300760\n"):

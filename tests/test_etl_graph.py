@@ -3,8 +3,8 @@
 import dask.dataframe as dd
 import pandas as pd
 
-from workflows import graph, split
-from workflows.cluster import Backend, quiet_merlin
+from merlin_ncf.workflows import graph, split
+from merlin_ncf.workflows.cluster import Backend, quiet_merlin
 
 quiet_merlin()
 from merlin.io import Dataset  # noqa: E402

@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from workflows.cluster import Backend, quiet_merlin
-from workflows.errors import EtlError
-from workflows.readers import ColumnNames, read_log
+from merlin_ncf.workflows.cluster import Backend, quiet_merlin
+from merlin_ncf.errors import EtlError
+from merlin_ncf.workflows.readers import ColumnNames, read_log
 
 quiet_merlin()
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -103,7 +103,7 @@ def test_unrecognised_directory_asks_for_format(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["ml-100k", "ml-1m", "ml-10m", "ml-20m", "csv", "parquet"])
 def test_synthetic_writer_round_trips_through_reader(tmp_path, fmt):
-    from workflows.synthetic import SyntheticSpec, generate
+    from merlin_ncf.workflows.synthetic import SyntheticSpec, generate
 
     spec = SyntheticSpec(interactions=3000, users=60, items=120, seed=3)
     generate(tmp_path / fmt, spec, fmt, progress=False)

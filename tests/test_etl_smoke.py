@@ -1,6 +1,6 @@
 """The shared fixtures produce a loadable ETL directory."""
 
-from workflows.feature_spec import FeatureSpec
+from merlin_ncf.feature_spec import FeatureSpec
 
 
 def test_etl_dir_is_a_feature_spec_directory(etl_dir):

@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from conftest import ETL_NEGATIVES, ETL_SEED, ETL_SIZE, run_command
-from workflows.cluster import Backend, quiet_merlin
-from workflows.feature_spec import FeatureSpec
-from workflows.readers import read_log
+from merlin_ncf.workflows.cluster import Backend, quiet_merlin
+from merlin_ncf.feature_spec import FeatureSpec
+from merlin_ncf.workflows.readers import read_log
 
 quiet_merlin()
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from conftest import run_command
-from workflows.synthetic import PRESETS, Generator, SyntheticSpec
+from merlin_ncf.workflows.synthetic import PRESETS, Generator, SyntheticSpec
 
 # MovieLens-like density (ml-1m: 4.5%): denser logs flatten the popularity skew.
 SPEC = SyntheticSpec(interactions=40_000, users=800, items=1500, seed=11)

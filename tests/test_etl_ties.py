@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from conftest import run_command
-from workflows.feature_spec import FeatureSpec
+from merlin_ncf.feature_spec import FeatureSpec
 
 COLUMNS = ["user_id", "item_id", "timestamp"]
 

@@ -8,9 +8,9 @@ import textwrap
 import pandas as pd
 
 from test_etl_split import positives, read_parts
-from workflows.cluster import Backend
-from workflows.feature_spec import FeatureSpec
-from workflows.readers import read_log
+from merlin_ncf.workflows.cluster import Backend
+from merlin_ncf.feature_spec import FeatureSpec
+from merlin_ncf.workflows.readers import read_log
 
 OOV = 2
 

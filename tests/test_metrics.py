@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.metrics import hit_and_ndcg_sums, positive_rank
+from merlin_ncf.models.metrics import hit_and_ndcg_sums, positive_rank
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
@@ -87,7 +87,7 @@ def test_planted_lists_match_torchmetrics_and_hand_computed_values():
 # --- full ranking ------------------------------------------------------------------------
 
 def random_full_ranking_case(seed: int, users=40, items=60, first_index=3, levels=0):
-    from models.ranking import SeenItems, interaction_matrix
+    from merlin_ncf.models.ranking import SeenItems, interaction_matrix
 
     rng = np.random.default_rng(seed)
     pairs = [(u, i) for u in range(users) for i in rng.choice(np.arange(first_index, items), 8, replace=False)]
@@ -103,7 +103,7 @@ def random_full_ranking_case(seed: int, users=40, items=60, first_index=3, level
 @pytest.mark.parametrize("levels", [0, 4])
 @pytest.mark.parametrize("k", [1, 10])
 def test_full_ranking_matches_torchmetrics_on_the_eligible_items(levels, k):
-    from models.ranking import full_ranking_sums
+    from merlin_ncf.models.ranking import full_ranking_sums
 
     first_index = 3
     scores, positives, matrix, seen = random_full_ranking_case(levels + k, levels=levels)
@@ -123,7 +123,7 @@ def test_full_ranking_matches_torchmetrics_on_the_eligible_items(levels, k):
 
 
 def test_full_ranking_excludes_train_items_and_reserved_indices_but_not_the_positive():
-    from models.ranking import SeenItems, full_ranking_sums, interaction_matrix
+    from merlin_ncf.models.ranking import SeenItems, full_ranking_sums, interaction_matrix
 
     # Items 0-2 reserved, 3-9 real. User 0 trained on 8 and 9, which (like the reserved
     # slots) score above the positive 5: excluded, the positive ranks first. User 1 also has
@@ -139,7 +139,7 @@ def test_full_ranking_excludes_train_items_and_reserved_indices_but_not_the_posi
 
 
 def test_full_ranking_gives_a_diverged_model_nothing():
-    from models.ranking import full_ranking_sums
+    from merlin_ncf.models.ranking import full_ranking_sums
 
     scores, positives, _, seen = random_full_ranking_case(0)
     for bad in (float("nan"), float("inf")):
@@ -148,8 +148,8 @@ def test_full_ranking_gives_a_diverged_model_nothing():
 
 
 def test_score_all_items_scores_like_candidate_lists_in_any_chunking():
-    from models.neumf import NeuMF
-    from models.ranking import score_all_items
+    from merlin_ncf.models.neumf import NeuMF
+    from merlin_ncf.models.ranking import score_all_items
 
     torch.manual_seed(0)
     model = NeuMF(7, 50, mf_dim=4, mlp_layers=[8, 8, 4], dropout=0.5)

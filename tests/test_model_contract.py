@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from models import registry
-from models.contract import (DataFacts, PairwiseBatch, PointwiseBatch, Recommender, UserRowsBatch, positive_int,
+from merlin_ncf.models import registry
+from merlin_ncf.models.contract import (DataFacts, PairwiseBatch, PointwiseBatch, Recommender, UserRowsBatch, positive_int,
                              serving_module)
 
 USERS, ITEMS = 20, 30
@@ -260,7 +260,7 @@ def test_each_model_learns_planted_taste_clusters_beyond_popularity(name):
 
 @pytest.mark.parametrize("name", list(registry.MODELS))
 def test_hub_entry_builds_fresh_models_and_loads_their_checkpoints(name, tmp_path):
-    from models import checkpoint as ckpt
+    from merlin_ncf.models import checkpoint as ckpt
 
     repo = str(__import__("pathlib").Path(__file__).resolve().parents[1])
     extra = {"interactions": interactions()} if registry.model_class(name).needs_interactions else {}
@@ -284,7 +284,7 @@ def test_objective_under_ddp_gives_the_models_own_gradients(name, tmp_path):
     DDP's forward, which is what makes DDP synchronise gradients (1-process gloo here)."""
     import torch.distributed as dist
 
-    from models.contract import Objective
+    from merlin_ncf.models.contract import Objective
 
     users, items, _ = planted()
     args = model_parser(name).parse_args(SMALL[name])
@@ -307,7 +307,7 @@ def test_objective_under_ddp_gives_the_models_own_gradients(name, tmp_path):
 def test_train_defaults_name_training_options():
     from dataclasses import fields
 
-    from models.trainer import TrainOptions
+    from merlin_ncf.models.trainer import TrainOptions
 
     options = {f.name for f in fields(TrainOptions)}
     for name, cls in registry.MODELS.items():

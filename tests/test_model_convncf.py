@@ -4,8 +4,8 @@ BPR sum plus its L2 term, and bf16 autocast stays close to fp32."""
 import pytest
 import torch
 
-from models.contract import PairwiseBatch
-from models.convncf import ConvNCF
+from merlin_ncf.models.contract import PairwiseBatch
+from merlin_ncf.models.convncf import ConvNCF
 
 RECBOLE = dict(cnn_channels=[32] * 4, cnn_kernels=[4, 4, 2, 2], cnn_strides=[4, 4, 2, 2])
 

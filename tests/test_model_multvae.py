@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from models.contract import UserRowsBatch
-from models.multvae import MultVAE, csr_rows
-from models.registry import build_model
+from merlin_ncf.models.contract import UserRowsBatch
+from merlin_ncf.models.multvae import MultVAE, csr_rows
+from merlin_ncf.models.registry import build_model
 
 
 def test_csr_rows_merges_duplicates_and_sorts_each_row():

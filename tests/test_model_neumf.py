@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from models.layers import DenseReluDropout
-from models.metrics import hit_and_ndcg_sums, positive_rank
-from models.neumf import NeuMF
-from models.sampler import NegativeSampler, epoch_generator
+from merlin_ncf.models.layers import DenseReluDropout
+from merlin_ncf.models.metrics import hit_and_ndcg_sums, positive_rank
+from merlin_ncf.models.neumf import NeuMF
+from merlin_ncf.models.sampler import NegativeSampler, epoch_generator
 
 
 @pytest.mark.parametrize("variant", ["neumf", "gmf", "mlp"])

@@ -1,11 +1,11 @@
-"""The shared rule for what an output may replace (workflows.atomic.check_replaceable)."""
+"""The shared rule for what an output may replace (merlin_ncf.atomic.check_replaceable)."""
 
 from __future__ import annotations
 
 import pytest
 
-from workflows import atomic
-from workflows.errors import UserError
+from merlin_ncf import atomic
+from merlin_ncf.errors import UserError
 
 
 def test_missing_and_empty_targets_may_be_written(tmp_path):

@@ -18,11 +18,11 @@ import pandas as pd
 import pytest
 import torch
 
-from serving.client import RecommenderClient
-from serving.errors import ServingError
-from serving.export import export
-from serving.repository import read_config, validate_repository
-from serving.serve import TritonServer
+from merlin_ncf.serving.client import RecommenderClient
+from merlin_ncf.serving.errors import ServingError
+from merlin_ncf.serving.export import export
+from merlin_ncf.serving.repository import read_config, validate_repository
+from merlin_ncf.serving.serve import TritonServer
 from conftest import write_tiny_repository
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -267,7 +267,8 @@ def test_libtorch_repository_is_valid_without_a_libtorch_backend(serving_data, t
     users, items = torch.arange(3, 20), torch.arange(3, 20).flip(0)
     torch.testing.assert_close(exported(users, items), original(users, items), atol=1e-6, rtol=0)
     # ... and like the checkpoint it came from (the best epoch's weights, in eval mode).
-    from models.checkpoint import load, model_from
+    from merlin_ncf.models.checkpoint import load
+    from merlin_ncf.models.registry import model_from
 
     checkpoint = model_from(load(run / "checkpoints" / "best.pt")).eval()
     with torch.inference_mode():
@@ -279,8 +280,8 @@ def _export_cli(*args: str) -> tuple[int, str]:
     import contextlib
     import io
 
-    from serving.errors import run_cli
-    from serving.export import main
+    from merlin_ncf.errors import run_cli
+    from merlin_ncf.serving.export import main
 
     stderr = io.StringIO()
     with pytest.raises(SystemExit) as exited, contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
@@ -290,7 +291,7 @@ def _export_cli(*args: str) -> tuple[int, str]:
 
 def _run_of(etl: Path, run: Path, to: Path) -> Path:
     """A copy of `run` (no checkpoints) that records the fingerprint of `etl`, as current runs do."""
-    from workflows.feature_spec import FeatureSpec
+    from merlin_ncf.feature_spec import FeatureSpec
 
     shutil.copytree(run, to, ignore=shutil.ignore_patterns("checkpoints"))
     config = json.loads((to / "config.json").read_text())
@@ -356,7 +357,7 @@ def test_validation_rejects_what_triton_would_reject(repository, tmp_path):
 
 
 def test_unknown_ids_fallback_scores_them_as_oov(repository, reference):
-    from serving.inference_workflow import InferenceWorkflow, RequestEncoder, RequestError
+    from merlin_ncf.serving.inference_workflow import InferenceWorkflow, RequestEncoder, RequestError
 
     workflow = InferenceWorkflow(repository / "workflow" / "1" / "workflow")
     items = np.r_[reference.all_items[:2], 999_999_999]
@@ -414,8 +415,8 @@ def test_server_that_fails_to_load_reports_the_error_at_once(tmp_path):
 
 
 def test_auto_flavour_follows_the_backends_of_the_server_found(tmp_path, monkeypatch):
-    from serving.export import resolve_flavour
-    from serving.server_runtime import find_tritonserver
+    from merlin_ncf.serving.export import resolve_flavour
+    from merlin_ncf.serving.server_runtime import find_tritonserver
 
     bundled = find_tritonserver()
     assert bundled.bundled and bundled.supports("python") and not bundled.supports("pytorch")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.errors import ServingError
+from merlin_ncf.serving.errors import ServingError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -45,7 +45,7 @@ def _plant_stub(fallback: Path) -> Path:
 
 
 def test_a_fallback_cache_made_by_another_user_is_refused(home_cache_unwritable):
-    from serving.server_runtime import find_tritonserver
+    from merlin_ncf.serving.server_runtime import find_tritonserver
 
     _plant_stub(home_cache_unwritable)
     os.chown(home_cache_unwritable, NOBODY, NOBODY)
@@ -54,7 +54,7 @@ def test_a_fallback_cache_made_by_another_user_is_refused(home_cache_unwritable)
 
 
 def test_a_world_writable_fallback_cache_is_refused(home_cache_unwritable):
-    from serving.server_runtime import find_tritonserver
+    from merlin_ncf.serving.server_runtime import find_tritonserver
 
     _plant_stub(home_cache_unwritable)
     with pytest.raises(ServingError, match="mode 0777"):
@@ -62,7 +62,7 @@ def test_a_world_writable_fallback_cache_is_refused(home_cache_unwritable):
 
 
 def test_the_fallback_cache_is_created_private(home_cache_unwritable):
-    from serving.server_runtime import find_tritonserver
+    from merlin_ncf.serving.server_runtime import find_tritonserver
 
     installation = find_tritonserver()
     assert installation.backend_dir.parent == home_cache_unwritable
@@ -92,7 +92,7 @@ def test_client_bad_arguments_are_one_line(args, message):
 
 
 def test_recommend_refuses_a_top_k_that_does_not_fit_int32():
-    from serving.client import RecommenderClient
+    from merlin_ncf.serving.client import RecommenderClient
 
     with RecommenderClient("127.0.0.1:9") as client, pytest.raises(ServingError, match="top_k must be between 1"):
         client.recommend(1, top_k=3_000_000_000)  # refused before anything is sent
@@ -123,7 +123,7 @@ def test_export_refuses_a_run_of_another_etl_output(etl_dir, trained_run, tmp_pa
     import torch
 
     from test_serving import _DotModel
-    from workflows.feature_spec import FeatureSpec
+    from merlin_ncf.feature_spec import FeatureSpec
 
     spec = FeatureSpec.load(etl_dir)
     # Tables larger than this ETL output's: every id scores, but most rows were never trained here.
@@ -146,7 +146,7 @@ def test_export_refuses_a_run_of_another_etl_output(etl_dir, trained_run, tmp_pa
 
 
 def test_export_accepts_its_own_run_and_an_older_one_with_a_warning(etl_dir, trained_run, tmp_path):
-    from workflows.feature_spec import FeatureSpec
+    from merlin_ncf.feature_spec import FeatureSpec
 
     matching = _copy_run(trained_run, tmp_path / "matching", data_fingerprint=FeatureSpec.load(etl_dir).fingerprint())
     code, stderr = _export_cli("--data", str(etl_dir), "--run", str(matching), "--output", str(tmp_path / "repo"))
@@ -160,7 +160,7 @@ def test_export_accepts_its_own_run_and_an_older_one_with_a_warning(etl_dir, tra
 
 
 def test_export_overwrite_never_replaces_an_input_and_marks_what_it_writes(etl_dir, trained_run, tmp_path):
-    from workflows.atomic import MARKER
+    from merlin_ncf.atomic import MARKER
 
     holder = tmp_path / "holder"  # a folder holding the run: replacing it would lose the run
     run = _copy_run(trained_run, holder / "run")

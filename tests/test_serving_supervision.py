@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serving.serve import remove_orphaned_shm_regions
+from merlin_ncf.serving.serve import remove_orphaned_shm_regions
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable

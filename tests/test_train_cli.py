@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from serving.server_runtime import free_port
+from merlin_ncf.serving.server_runtime import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = [sys.executable, str(REPO / "models" / "train_ncf.py")]
@@ -114,17 +114,18 @@ def test_training_learns_the_planted_structure_and_writes_the_run_directory(refe
     assert (out / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert {p.name for p in (out / "checkpoints").iterdir()} == {"best.pt", "last.pt"}
     assert (out / ".merlin-ncf").read_text().strip() == "run"
-    from workflows.feature_spec import FeatureSpec
+    from merlin_ncf.feature_spec import FeatureSpec
 
     assert config["data_fingerprint"] == FeatureSpec.load(planted).fingerprint()
 
 
 def test_torchscript_model_matches_the_best_checkpoint(reference_run):
-    from models import checkpoint as ckpt
+    from merlin_ncf.models import checkpoint as ckpt
+    from merlin_ncf.models.registry import model_from
 
     out, _ = reference_run
     scorer = torch.jit.load(str(out / "model.ts"))
-    model = ckpt.model_from(ckpt.load(out / "checkpoints" / "best.pt")).eval()
+    model = model_from(ckpt.load(out / "checkpoints" / "best.pt")).eval()
     users, items = torch.tensor([3, 4, 5, 402]), torch.tensor([3, 100, 302, 7])
     probabilities = scorer(users, items)
     assert probabilities.dtype == torch.float32 and probabilities.shape == (4,)
@@ -145,7 +146,7 @@ def test_resume_after_a_kill_matches_the_uninterrupted_run(reference_run, plante
     for got, want in zip(read_log(out), read_log(reference), strict=True):
         for key in ("epoch", "loss", "hr", "ndcg", "train_samples"):
             assert got[key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), key
-    from models import checkpoint as ckpt
+    from merlin_ncf.models import checkpoint as ckpt
 
     weights = ckpt.load(out / "checkpoints" / "last.pt")["model"]["state"]
     expected = ckpt.load(reference / "checkpoints" / "last.pt")["model"]["state"]
@@ -181,9 +182,9 @@ def test_mode_test_evaluates_a_checkpoint_without_writing(reference_run, planted
 
 
 def test_bf16_autocast_on_cpu_trains(planted):
-    from models.data import load_candidates, open_etl
-    from models.neumf import NeuMF
-    from models.trainer import Trainer, TrainOptions
+    from merlin_ncf.models.data import load_candidates, open_etl
+    from merlin_ncf.models.neumf import NeuMF
+    from merlin_ncf.models.trainer import Trainer, TrainOptions
 
     data = open_etl(planted)
     model = NeuMF(data.num_users, data.num_items, mf_dim=16, mlp_layers=[32, 32, 16], dropout=0.1)
@@ -244,7 +245,7 @@ def test_a_directory_that_is_not_etl_output_is_refused(tmp_path):
 
 @pytest.fixture
 def refused(capfd):
-    from models.train_ncf import main
+    from merlin_ncf.models.train_ncf import main
 
     def check(args, fragment):
         assert main([str(a) for a in args]) == 2
@@ -330,9 +331,10 @@ def test_trained_run_on_the_etl_fixture_evaluates_validation_then_test(trained_r
 
 
 def test_neumf_pretrained_from_gmf_and_mlp_runs(planted, tmp_path):
-    from models import checkpoint as ckpt
-    from models.data import open_etl
-    from models.train_ncf import build_model, main, parse_args
+    from merlin_ncf.models import checkpoint as ckpt
+    from merlin_ncf.models.registry import model_from
+    from merlin_ncf.models.data import open_etl
+    from merlin_ncf.models.train_ncf import build_model, main, parse_args
 
     common = ["--data", str(planted), *SMALL, "--epochs", "1"]
     for variant in ("gmf", "mlp"):
@@ -341,7 +343,7 @@ def test_neumf_pretrained_from_gmf_and_mlp_runs(planted, tmp_path):
     argv = [*common, "--output", str(tmp_path / "neumf"), "--alpha", "0.7",
             "--pretrained-gmf", str(best["gmf"]), "--pretrained-mlp", str(best["mlp"])]
     model = build_model(parse_args(argv), open_etl(planted)).eval()
-    gmf, mlp = (ckpt.model_from(ckpt.load(best[v])).eval() for v in ("gmf", "mlp"))
+    gmf, mlp = (model_from(ckpt.load(best[v])).eval() for v in ("gmf", "mlp"))
     users, items = torch.arange(3, 50), torch.randint(3, 303, (47, 11))
     with torch.no_grad():
         torch.testing.assert_close(model(users, items), 0.7 * gmf(users, items) + 0.3 * mlp(users, items))
@@ -350,9 +352,9 @@ def test_neumf_pretrained_from_gmf_and_mlp_runs(planted, tmp_path):
 
 
 def test_gradient_accumulation_keeps_the_optimizer_batch(planted):
-    from models.data import open_etl
-    from models.neumf import NeuMF
-    from models.trainer import Trainer, TrainOptions
+    from merlin_ncf.models.data import open_etl
+    from merlin_ncf.models.neumf import NeuMF
+    from merlin_ncf.models.trainer import Trainer, TrainOptions
 
     data = open_etl(planted)
     results = {}
@@ -447,9 +449,9 @@ def test_a_diverging_run_stops_at_the_first_non_finite_loss(planted, tmp_path):
 
 
 def test_a_non_finite_validation_hit_rate_is_never_best(planted, tmp_path):
-    from models.data import load_candidates, open_etl
-    from models.neumf import NeuMF
-    from models.trainer import Trainer, TrainOptions
+    from merlin_ncf.models.data import load_candidates, open_etl
+    from merlin_ncf.models.neumf import NeuMF
+    from merlin_ncf.models.trainer import Trainer, TrainOptions
 
     class NonFiniteEvaluation(Trainer):  # the bookkeeping under test is fit's, not the metric's
         def evaluate(self, candidates):
@@ -497,8 +499,8 @@ def test_a_truncated_train_file_is_one_line_and_leaves_no_run_directory(planted,
 # --- negative sampling ------------------------------------------------------------------
 
 def test_exclude_seen_never_samples_a_users_training_item(planted):
-    from models.data import open_etl, train_pairs
-    from models.sampler import NegativeSampler, epoch_generator, seen_keys
+    from merlin_ncf.models.data import open_etl, train_pairs
+    from merlin_ncf.models.sampler import NegativeSampler, epoch_generator, seen_keys
 
     data = open_etl(planted)
     users, items = train_pairs(data)

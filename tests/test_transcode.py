@@ -13,8 +13,8 @@ import pytest
 
 from conftest import run_command
 from data.dle_examples import NEGATIVES, USERS, interactions, write_ncf, write_two_chunk
-from workflows.atomic import MARKER
-from workflows.dle_spec import check, load_spec, read_mapping
+from merlin_ncf.atomic import MARKER
+from merlin_ncf.workflows.dle_spec import check, load_spec, read_mapping
 
 PER_LIST = NEGATIVES + 1
 # Taken out of train in the spec below, so the spec's test lists hold ids the workflow never saw.
@@ -54,7 +54,7 @@ def _decode(etl: Path, frame: pd.DataFrame) -> pd.Series:
 
 
 def test_transcoded_directory_is_our_layout(transcoded):
-    from models.data import load_candidates, open_etl
+    from merlin_ncf.models.data import load_candidates, open_etl
 
     assert (transcoded / MARKER).read_text().strip() == "etl"
     data = open_etl(transcoded)  # train schema tags, cardinalities
@@ -154,8 +154,8 @@ def test_transcoded_torch_spec_trains_and_exports(tmp_path):
 def test_foreign_spec_is_transcoded_once_into_the_cache_and_never_written_to(spec_dir, transcoded, tmp_path,
                                                                            monkeypatch):
     """What open_etl would call: a foreign spec directory gives its cached transcoded copy."""
-    from workflows.datasets import CACHE_ENV
-    from workflows.transcode import etl_directory
+    from merlin_ncf.workflows.datasets import CACHE_ENV
+    from merlin_ncf.workflows.transcode import etl_directory
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     before = {p.name: p.stat().st_mtime_ns for p in spec_dir.iterdir()}
@@ -181,7 +181,7 @@ def test_help_and_bad_command_lines(script, options):
 def test_a_validation_mapping_becomes_validation_lists(tmp_path):
     import yaml
 
-    from models.data import open_etl
+    from merlin_ncf.models.data import open_etl
 
     spec = write_ncf(tmp_path / "ncf", "csv")
     raw = yaml.safe_load((spec / "feature_spec.yaml").read_text())

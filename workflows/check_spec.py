@@ -12,11 +12,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from workflows.dle_spec import check  # noqa: E402
-from workflows.errors import EtlError, OneLineArgumentParser, exit_with  # noqa: E402
+from merlin_ncf.workflows.dle_spec import check  # noqa: E402
+from merlin_ncf.errors import EtlError, OneLineArgumentParser, exit_with  # noqa: E402
+from merlin_ncf.errors import run_cli  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,4 +33,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Iterator
 
-from workflows.errors import EtlError
+from merlin_ncf.errors import EtlError
 
 DEVICES = ("auto", "gpu", "cpu")
 LOOPBACK_ANY_PORT = "127.0.0.1:0"

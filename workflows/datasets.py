@@ -19,7 +19,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from workflows.errors import EtlError, one_line
+from merlin_ncf.errors import EtlError, one_line
 
 BASE_URL = "https://files.grouplens.org/datasets/movielens"
 CACHE_ENV = "MERLIN_NCF_CACHE"

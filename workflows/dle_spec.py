@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from workflows.errors import EtlError
-from workflows.feature_spec import (FILENAME, ITEM_CHANNEL, LABEL_CHANNEL, TEST, TRAIN, USER_CHANNEL, VALIDATION,
+from merlin_ncf.errors import EtlError
+from merlin_ncf.feature_spec import (FILENAME, ITEM_CHANNEL, LABEL_CHANNEL, TEST, TRAIN, USER_CHANNEL, VALIDATION,
                                     FeatureSpec)
 
 # "torch" is accepted as a short name for DeepLearningExamples' "torch_tensor".

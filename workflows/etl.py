@@ -17,43 +17,19 @@ import os
 import signal
 import sys
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from workflows import atomic  # noqa: E402
-from workflows.cluster import DEFAULT_DASHBOARD, DEVICES, Backend, dask_client, resolve_device  # noqa: E402
-from workflows.errors import EtlError, OneLineArgumentParser, UserError, exit_with  # noqa: E402
-from workflows.readers import FORMATS, LAYOUTS, ColumnNames  # noqa: E402
-
-
-@dataclass
-class EtlOptions:
-    output: Path
-    input: Path | None = None
-    download: str | None = None
-    format: str = "auto"
-    columns: ColumnNames = field(default_factory=ColumnNames)
-    min_rating: float | None = None
-    min_user_interactions: int = 1
-    freq_threshold: int = 0
-    validation: bool = True
-    negatives: int = 100
-    seed: int = 0
-    device: str = "cpu"
-    workers: int = 0
-    scheduler_address: str | None = None
-    dashboard: str | None = None
-    partition_size: str = "32MB"
-    train_files: int = 0
-    progress: bool = True
-    overwrite: bool = False
+from merlin_ncf import atomic  # noqa: E402
+from merlin_ncf.workflows.cluster import DEFAULT_DASHBOARD, DEVICES, Backend, dask_client, resolve_device  # noqa: E402
+from merlin_ncf.errors import EtlError, OneLineArgumentParser, UserError, exit_with  # noqa: E402
+from merlin_ncf.workflows.readers import FORMATS, LAYOUTS, ColumnNames  # noqa: E402
+from merlin_ncf.errors import run_cli  # noqa: E402
+from merlin_ncf.workflows.options import EtlOptions  # noqa: E402
 
 
 KIND = "etl"
-# ETL outputs from before the marker file (workflows.atomic.MARKER) hold both of these.
+# ETL outputs from before the marker file (merlin_ncf.atomic.MARKER) hold both of these.
 LEGACY_MARKERS = ("stats.json", "feature_spec.yaml")
 
 
@@ -67,7 +43,7 @@ def run(opts: EtlOptions) -> dict:
     atomic.check_replaceable(opts.output, KIND, inputs=[source], overwrite=opts.overwrite,
                              legacy_markers=LEGACY_MARKERS)
     backend = Backend(resolve_device(opts.device))
-    from workflows.pipeline import PhaseClock, execute  # NVTabular: only once the options are sound
+    from merlin_ncf.workflows.pipeline import PhaseClock, execute  # NVTabular: only once the options are sound
 
     clock = PhaseClock(opts.progress)
     try:
@@ -81,7 +57,7 @@ def run(opts: EtlOptions) -> dict:
 
 def _source(opts: EtlOptions) -> tuple[Path, str]:
     if opts.download:
-        from workflows.datasets import download
+        from merlin_ncf.workflows.datasets import download
 
         return download(opts.download, progress=opts.progress), opts.download
     if opts.input is None:
@@ -219,4 +195,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

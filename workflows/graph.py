@@ -15,7 +15,7 @@ from pathlib import Path
 import nvtabular as nvt
 from nvtabular import ops
 
-from workflows.readers import ITEM, RATING, USER
+from merlin_ncf.workflows.readers import ITEM, RATING, USER
 
 # The order key ranks a log's rows by (timestamp, position in the input); see split.read_ordered.
 ORDER_KEY = "order_key"

@@ -11,7 +11,7 @@ from types import ModuleType
 
 import numpy as np
 
-from workflows.errors import EtlError
+from merlin_ncf.errors import EtlError
 
 
 def interaction_keys(users, items, n_items: int, xp: ModuleType = np):

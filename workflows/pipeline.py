@@ -13,21 +13,19 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from workflows.cluster import Backend, quiet_merlin
+from merlin_ncf.workflows.cluster import Backend, quiet_merlin
 
 quiet_merlin()
 
 import pandas as pd  # noqa: E402
 
-from workflows import graph, negatives, split  # noqa: E402
-from workflows.errors import EtlError, one_line  # noqa: E402
-from workflows.feature_spec import FeatureSpec, LABEL_CHANNEL, ITEM_CHANNEL, USER_CHANNEL  # noqa: E402
-from workflows.readers import ITEM, RATING, TIME, USER, read_log  # noqa: E402
+from merlin_ncf.workflows import graph, negatives, split  # noqa: E402
+from merlin_ncf.errors import EtlError, one_line  # noqa: E402
+from merlin_ncf.feature_spec import FeatureSpec, LABEL_CHANNEL, ITEM_CHANNEL, USER_CHANNEL  # noqa: E402
+from merlin_ncf.workflows.options import EtlOptions  # noqa: E402
+from merlin_ncf.workflows.readers import ITEM, RATING, TIME, USER, read_log  # noqa: E402
 
-if TYPE_CHECKING:
-    from workflows.etl import EtlOptions
 
 LABEL = "label"
 PHASES = ("read", "filter", "encode", "split", "negatives", "write")

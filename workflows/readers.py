@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from workflows.cluster import Backend
-from workflows.errors import EtlError, one_line
+from merlin_ncf.workflows.cluster import Backend
+from merlin_ncf.errors import EtlError, one_line
 
 USER, ITEM, TIME, RATING = "user_id", "item_id", "timestamp", "rating"
 
@@ -75,7 +75,7 @@ def detect_format(path: Path) -> str:
     detected = _detect_layout(path)
     if detected not in LAYOUTS:
         return detected
-    from workflows.datasets import RELEASES
+    from merlin_ncf.workflows.datasets import RELEASES
 
     folder = (path if path.is_dir() else path.parent).absolute().name
     named = next((r.name for r in RELEASES.values() if r.folder == folder), None)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import dask
 
-from workflows.cluster import Backend
-from workflows.graph import FLAGGED, INTERACTION, ORDER_KEY, PAIR, holdout_flag, select_holdout
-from workflows.readers import TIME
+from merlin_ncf.workflows.cluster import Backend
+from merlin_ncf.workflows.graph import FLAGGED, INTERACTION, ORDER_KEY, PAIR, holdout_flag, select_holdout
+from merlin_ncf.workflows.readers import TIME
 
 
 def to_dataset(ddf, backend: Backend):

@@ -25,12 +25,11 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from workflows.atomic import atomic_directory, check_replaceable
-from workflows.errors import EtlError, OneLineArgumentParser, UserError, exit_with
-from workflows.readers import LAYOUTS, ML100K_GENRES
+from merlin_ncf.atomic import atomic_directory, check_replaceable
+from merlin_ncf.errors import EtlError, OneLineArgumentParser, UserError, exit_with
+from merlin_ncf.workflows.readers import LAYOUTS, ML100K_GENRES
+from merlin_ncf.errors import run_cli  # noqa: E402
 
 GENRES = ML100K_GENRES[1:]
 FIRST_TIMESTAMP = 946_684_800  # 2000-01-01
@@ -341,4 +340,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -20,17 +20,17 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
-from workflows import atomic, dle_spec  # noqa: E402
-from workflows.errors import EtlError, OneLineArgumentParser, UserError, exit_with  # noqa: E402
-from workflows.feature_spec import FILENAME, TEST, TRAIN, VALIDATION  # noqa: E402
-from workflows.readers import ITEM, USER  # noqa: E402
+from merlin_ncf import atomic
+from merlin_ncf.workflows import dle_spec  # noqa: E402
+from merlin_ncf.errors import EtlError, OneLineArgumentParser, UserError, exit_with  # noqa: E402
+from merlin_ncf.feature_spec import FILENAME, TEST, TRAIN, VALIDATION  # noqa: E402
+from merlin_ncf.workflows.readers import ITEM, USER  # noqa: E402
+from merlin_ncf.errors import run_cli  # noqa: E402
 
 LABEL = "label"
 # Categorify's out-of-vocabulary index (docs/pipeline.md): where ids absent from train go.
@@ -51,12 +51,12 @@ def transcode(spec_path: Path, output: Path, overwrite: bool = False, train_file
         raise EtlError(f"source_spec.{TRAIN} holds no positive interactions (label > 0)")
     lists = {m: _positive_first(frames[m], spec, m) for m in held_out}
 
-    from workflows.cluster import Backend, quiet_merlin  # NVTabular: only once the spec is sound
+    from merlin_ncf.workflows.cluster import Backend, quiet_merlin  # NVTabular: only once the spec is sound
 
     quiet_merlin()
     import nvtabular as nvt
 
-    from workflows import graph, pipeline
+    from merlin_ncf.workflows import graph, pipeline
 
     backend = Backend("cpu")
     with atomic.atomic_directory(output, kind="etl") as out:
@@ -103,7 +103,7 @@ def etl_directory(path: str | Path) -> Path:
     path = Path(path)
     if atomic.written_by_us(path, "etl") or _written_by_our_etl(path):
         return path
-    from workflows.datasets import cache_dir
+    from merlin_ncf.workflows.datasets import cache_dir
 
     import fcntl
 
@@ -219,4 +219,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

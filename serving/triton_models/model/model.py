@@ -1,13 +1,10 @@
 """Model step on the python backend: the run's TorchScript scores encoded (user, item) pairs on CPU."""
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from common import answer_each, input_array, parameters  # noqa: E402
+import numpy as np
+import torch
+from common import answer_each, input_array, parameters
 
 
 class TritonPythonModel:

@@ -1,13 +1,10 @@
 """Top-K step: the K best-scored candidates as raw item ids, with scores and titles."""
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from common import answer_each, input_array  # noqa: E402
+import numpy as np
+import pandas as pd
+from common import answer_each, input_array
 
 
 class TritonPythonModel:

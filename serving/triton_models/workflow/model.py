@@ -1,14 +1,11 @@
 """Workflow step: raw user/item ids -> Categorify-encoded ids, with the saved NVTabular workflow."""
 
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helpers copied beside this file
-
-from common import answer_each, input_array, parameters  # noqa: E402
-from inference_workflow import RequestEncoder, RequestError  # noqa: E402
+from common import answer_each, input_array, parameters
+from inference_workflow import RequestEncoder, RequestError
 
 
 class TritonPythonModel:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from workflows.atomic import atomic_file
+from merlin_ncf.atomic import atomic_file
 
 FILENAME = "feature_spec.yaml"
 

@@ -1,12 +1,14 @@
-"""The one exception type for expected user errors (bad input, missing files, no network).
-
-Commands catch it in main() and print its message as a single line with exit code 2.
+"""The one exception type for expected user errors (bad input, missing files, no network),
+and the one command-line convention every command follows: such an error, or a bad command
+line, is a single line on stderr with exit code 2; Ctrl-C exits 130.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+from typing import Callable, NoReturn
 
 EXIT_USER_ERROR = 2
 
@@ -39,3 +41,15 @@ class OneLineArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
         print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
+
+
+def run_cli(main: Callable[[], int | None], prog: str | None = None) -> NoReturn:
+    """Run a command's main() and exit with its code; a UserError it raises is one line, exit 2."""
+    try:
+        code = main()
+    except UserError as exc:
+        exit_with(exc, prog or Path(sys.argv[0]).name)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)

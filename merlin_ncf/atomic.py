@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from workflows.errors import UserError
+from merlin_ncf.errors import UserError
 
 # Every directory a stage writes holds this file, naming the stage ("etl", "run",
 # "repository"): only such a directory is ever replaced without --overwrite.
