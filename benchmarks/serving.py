@@ -24,7 +24,8 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from merlin_ncf.serving.errors import ServingError, run_cli
+from merlin_ncf.errors import run_cli
+from merlin_ncf.serving.errors import ServingError
 from merlin_ncf.workflows.cluster import quiet_merlin
 from merlin_ncf.feature_spec import FeatureSpec
 
@@ -152,7 +153,8 @@ def in_process(repository: Path, compiled: bool, top_k: int) -> Callable[[], Cal
     """The exported workflow step's encoding and the TorchScript, called directly."""
     import torch
 
-    from merlin_ncf.serving.export import MODEL_STEP, load_request_encoder
+    from merlin_ncf.serving.checks import load_request_encoder
+    from merlin_ncf.serving.names import MODEL_STEP
     from merlin_ncf.serving.repository import VERSION
 
     encoder = load_request_encoder(repository, compiled=compiled)

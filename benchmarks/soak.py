@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.serving import candidate_lists
+from serving import candidate_lists  # benchmarks/serving.py: a script's folder is sys.path[0]
 from merlin_ncf.serving.errors import ServerUnavailable, ServingError
 from merlin_ncf.errors import run_cli
 from merlin_ncf.errors import OneLineArgumentParser

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
+from merlin_ncf.errors import OneLineArgumentParser, run_cli
 from merlin_ncf.serving.errors import ServerUnavailable, ServingError
-from merlin_ncf.errors import run_cli
-from merlin_ncf.errors import OneLineArgumentParser
+from merlin_ncf.serving.names import (RECOMMEND_ENSEMBLE, SCORE, SCORE_KIND, SCORES_ENSEMBLE, TOP_ITEM_ID, TOP_K,
+                                      TOP_SCORE, TOP_TITLE)
 
 PROTOCOLS = ("http", "grpc")
 DEFAULT_URLS = {"http": "127.0.0.1:8000", "grpc": "127.0.0.1:8001"}
-SCORES_MODEL, RECOMMEND_MODEL = "scores", "recommend"
 TOP_K_MAX = np.iinfo(np.int32).max  # top_k travels as INT32
 RETRY_FIRST_PAUSE_S, RETRY_MAX_PAUSE_S = 0.1, 2.0
 # How a connection lost mid-request reads (geventhttpclient, gRPC): no verdict on the request.
@@ -66,9 +66,22 @@ class RecommenderClient:
     # --- requests --------------------------------------------------------------------------
 
     def scores(self, users, items) -> np.ndarray:
-        """Probabilities for each (user, item) pair; one user is paired with every item."""
-        result = self._infer(SCORES_MODEL, {self.user_column: _ids(users), self.item_column: _ids(items)}, ["score"])
-        return result.as_numpy("score")
+        """The model's score for each (user, item) pair (see score_kind); one user is paired
+        with every item."""
+        result = self._infer(SCORES_ENSEMBLE, {self.user_column: _ids(users), self.item_column: _ids(items)}, [SCORE])
+        return result.as_numpy(SCORE)
+
+    def score_kind(self) -> str:
+        """'probability' (a logit model's sigmoid) or 'score' (a ranking score, e.g. Mult-VAE's
+        or ConvNCF's), as export recorded it; repositories from before the record hold NeuMF."""
+        try:
+            if self.protocol == "grpc":
+                config = self._client.get_model_config(SCORES_ENSEMBLE, as_json=True)["config"]
+            else:
+                config = self._client.get_model_config(SCORES_ENSEMBLE)
+        except Exception as exc:
+            raise self._describe(exc) from None
+        return config.get("parameters", {}).get(SCORE_KIND, {}).get("string_value", "probability")
 
     def recommend(self, user: int, items=None, top_k: int | None = None) -> Recommendations:
         """The `top_k` best items for `user` among `items` (default: every item), best first."""
@@ -76,10 +89,10 @@ class RecommenderClient:
         if items is not None:
             tensors[self.item_column] = _ids(items)
         if top_k is not None:
-            tensors["top_k"] = np.array([check_top_k(top_k)], dtype=np.int32)
-        result = self._infer(RECOMMEND_MODEL, tensors, ["top_item_id", "top_score", "top_title"])
-        titles = [t.decode() if isinstance(t, bytes) else str(t) for t in result.as_numpy("top_title").reshape(-1)]
-        return Recommendations(result.as_numpy("top_item_id"), result.as_numpy("top_score"), titles)
+            tensors[TOP_K] = np.array([check_top_k(top_k)], dtype=np.int32)
+        result = self._infer(RECOMMEND_ENSEMBLE, tensors, [TOP_ITEM_ID, TOP_SCORE, TOP_TITLE])
+        titles = [t.decode() if isinstance(t, bytes) else str(t) for t in result.as_numpy(TOP_TITLE).reshape(-1)]
+        return Recommendations(result.as_numpy(TOP_ITEM_ID), result.as_numpy(TOP_SCORE), titles)
 
     def _infer(self, model: str, tensors: dict[str, np.ndarray], outputs: list[str]):
         inputs = []
@@ -190,7 +203,7 @@ def parse_item_list(text: str) -> list[int]:
     return items
 
 
-def format_table(user: int, rows: Recommendations) -> str:
+def format_table(user: int, rows: Recommendations, score_label: str = "score") -> str:
     from rich.console import Console
     from rich.table import Table
 
@@ -199,7 +212,7 @@ def format_table(user: int, rows: Recommendations) -> str:
     table.add_column("item id", justify="right")
     if any(rows.titles):
         table.add_column("title")
-    table.add_column("score", justify="right")
+    table.add_column(score_label, justify="right")
     for rank, (item, score, title) in enumerate(zip(rows.item_ids, rows.scores, rows.titles), start=1):
         cells = [str(rank), str(item)] + ([title] if any(rows.titles) else []) + [f"{score:.4f}"]
         table.add_row(*cells)
@@ -250,15 +263,16 @@ def query(args: argparse.Namespace, url: str | None) -> int:
             client.wait_ready(args.wait)
         elif not client.is_ready():
             raise ServingError(f"cannot reach tritonserver at {client.url} ({args.protocol}): is serving/serve.py running?")
-        if client.has_model(RECOMMEND_MODEL):
+        score_label = client.score_kind()
+        if client.has_model(RECOMMEND_ENSEMBLE):
             top_k = args.top_k or (len(args.items) if args.items else None)
             rows = client.recommend(args.user, args.items, top_k)
         elif args.items:  # exported with --top-k 0: scores only, in the order asked
             scores = client.scores([args.user], args.items)
             rows = Recommendations(np.asarray(args.items), scores, [""] * len(args.items))
         else:
-            raise ServingError("the server has no 'recommend' model (exported with --top-k 0): pass --items")
-    print(format_table(args.user, rows), end="")
+            raise ServingError(f"the server has no '{RECOMMEND_ENSEMBLE}' model (exported with --top-k 0): pass --items")
+    print(format_table(args.user, rows, score_label), end="")
     return 0
 
 

@@ -22,6 +22,11 @@ from merlin.dag import BaseOperator, DataFormats, postorder_iter_nodes
 from merlin.dag.executors import LocalExecutor
 from merlin.table import TensorTable
 
+try:
+    from merlin_ncf.serving.names import FIRST_INDEX, ITEM_COLUMN, SEEN_FILE, UNKNOWN_IDS, UNKNOWN_IDS_CHOICES, USER_COLUMN
+except ImportError:  # inside the workflow step, where names.py lies next to this file
+    from names import FIRST_INDEX, ITEM_COLUMN, SEEN_FILE, UNKNOWN_IDS, UNKNOWN_IDS_CHOICES, USER_COLUMN
+
 LOG = logging.getLogger(__name__)
 
 
@@ -117,9 +122,6 @@ class InferenceWorkflow:
         return {c: np.resize(v, length) for c, v in values.items()}
 
 
-SEEN_FILE = "seen.npz"
-
-
 class SeenItems:
     """Each user's training items (encoded, CSR): left out when ranking every item."""
 
@@ -158,12 +160,14 @@ class RequestEncoder:
     One user id is paired with every item id; no item list (None) means every known item.
     Ids that Categorify maps to its reserved indices (unseen at fit time, or rarer than its
     frequency threshold) are an error, or with `unknown_ids="oov"` scored as the OOV index.
+    With `unknown_ids="popularity"` unknown users pass as their reserved index (the model step
+    answers them with item popularity) and unknown items are an error.
     """
 
     def __init__(self, workflow: InferenceWorkflow, user_column: str, item_column: str,
                  first_index: int, unknown_ids: str = "error", seen: SeenItems | None = None):
-        if unknown_ids not in ("error", "oov"):
-            raise ValueError(f"unknown_ids must be 'error' or 'oov', not {unknown_ids!r}")
+        if unknown_ids not in UNKNOWN_IDS_CHOICES:
+            raise ValueError(f"unknown_ids must be one of {UNKNOWN_IDS_CHOICES}, not {unknown_ids!r}")
         self.workflow = workflow
         self.user_column, self.item_column = user_column, item_column
         self.first_index = first_index
@@ -182,8 +186,8 @@ class RequestEncoder:
         seen_file = step_dir / SEEN_FILE
         return cls(
             InferenceWorkflow(step_dir / "workflow", compiled=compiled),
-            parameters["user_column"], parameters["item_column"], int(parameters["first_index"]),
-            parameters.get("unknown_ids", "error"), SeenItems.load(seen_file) if seen_file.is_file() else None,
+            parameters[USER_COLUMN], parameters[ITEM_COLUMN], int(parameters[FIRST_INDEX]),
+            parameters.get(UNKNOWN_IDS, "error"), SeenItems.load(seen_file) if seen_file.is_file() else None,
         )
 
     def _any_user(self) -> int:
@@ -216,6 +220,7 @@ class RequestEncoder:
         encoded = self._encode(users, items)
         if self.unknown_ids == "error":
             self._reject_unknown(self.user_column, users, encoded[self.user_column])
+        if self.unknown_ids != "oov":
             self._reject_unknown(self.item_column, items, encoded[self.item_column])
         return encoded[self.user_column], encoded[self.item_column], items
 

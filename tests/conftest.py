@@ -101,3 +101,56 @@ def write_tiny_repository(root: Path, model_py: str = DOUBLE_MODEL) -> Path:
 @pytest.fixture(scope="session")
 def tiny_repository(tmp_path_factory) -> Path:
     return write_tiny_repository(tmp_path_factory.mktemp("tiny") / "repo")
+
+
+# Runs of every registered model family, for serving: small untrained models built straight
+# from the registry, in the run-directory layout of docs/pipeline.md (config.json with the
+# model's name/config, output and data_fingerprint; model.ts = contract.serving_module; the
+# marker). They are export's input, not a stand-in for export or tritonserver.
+SERVED_MODELS = {
+    "neumf": dict(mf_dim=8, mlp_layers=[16, 16, 8], dropout=0.0),
+    "convncf": dict(embedding_size=8, cnn_channels=[4, 4, 4], cnn_kernels=[2, 2, 2], cnn_strides=[2, 2, 2]),
+    "multvae": dict(hidden=16, latent=8),
+}
+
+
+def write_model_run(etl: Path, name: str, out: Path):
+    """Build `name` on etl's sizes (Mult-VAE with etl's training rows), save it as a run
+    directory in `out`; returns the in-process model (eval mode)."""
+    import json
+
+    import pandas as pd
+    import torch
+
+    from merlin_ncf.atomic import atomic_directory
+    from merlin_ncf.feature_spec import FeatureSpec
+    from merlin_ncf.models.contract import serving_module
+    from merlin_ncf.models.multvae import csr_rows
+    from merlin_ncf.models.registry import build_model
+
+    spec = FeatureSpec.load(etl)
+    config = dict(nb_users=spec.num_users, nb_items=spec.num_items, **SERVED_MODELS[name])
+    torch.manual_seed(0)
+    if name == "multvae":
+        pairs = pd.concat(pd.read_parquet(f, columns=[spec.user_feature, spec.item_feature]) for f in spec.files("train"))
+        indptr, indices = csr_rows(pairs[spec.user_feature].to_numpy(), pairs[spec.item_feature].to_numpy(),
+                                   spec.num_users, spec.num_items)
+        model = build_model(name, dict(config, nnz=indices.numel()))
+        model.indptr.copy_(indptr)
+        model.indices.copy_(indices)
+    else:
+        model = build_model(name, config)
+    model.eval()
+    with atomic_directory(out, kind="run") as staging:
+        serving_module(model).save(str(staging / "model.ts"))
+        (staging / "config.json").write_text(json.dumps({
+            "model": {"name": name, "config": model.config}, "output": model.output,
+            "data_fingerprint": spec.fingerprint()}, indent=2))
+    return model
+
+
+@pytest.fixture(scope="session")
+def model_runs(etl_dir) -> dict:
+    """{name: (run directory, in-process model)} for neumf, convncf and multvae on etl_dir."""
+    return {name: (etl_dir.parent / f"run-{name}", write_model_run(etl_dir, name, etl_dir.parent / f"run-{name}"))
+            for name in SERVED_MODELS}

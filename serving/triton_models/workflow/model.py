@@ -6,13 +6,14 @@ import numpy as np
 
 from common import answer_each, input_array, parameters
 from inference_workflow import RequestEncoder, RequestError
+from names import CANDIDATE_ID, DEFAULT_K, ITEM_COLUMN, TOP_K, USER_COLUMN
 
 
 class TritonPythonModel:
     def initialize(self, args):
         params = parameters(args)
-        self.user_column, self.item_column = params["user_column"], params["item_column"]
-        self.default_k = int(params["default_k"])
+        self.user_column, self.item_column = params[USER_COLUMN], params[ITEM_COLUMN]
+        self.default_k = int(params[DEFAULT_K])
         self.encoder = RequestEncoder.load(Path(__file__).resolve().parent, params)
 
     def execute(self, requests):
@@ -22,11 +23,11 @@ class TritonPythonModel:
         users = input_array(request, self.user_column)
         items = input_array(request, self.item_column, required=False)
         encoded_users, encoded_items, raw_items = self.encoder.encode(users, items)
-        return {self.user_column: encoded_users, self.item_column: encoded_items, "candidate_id": raw_items,
-                "top_k": self._top_k(request)}
+        return {self.user_column: encoded_users, self.item_column: encoded_items, CANDIDATE_ID: raw_items,
+                TOP_K: self._top_k(request)}
 
     def _top_k(self, request) -> np.ndarray:
-        k = input_array(request, "top_k", required=False)
+        k = input_array(request, TOP_K, required=False)
         if k is None:
             return np.array([self.default_k], dtype=np.int32)
         if k.size != 1 or k.reshape(-1)[0] < 1:
