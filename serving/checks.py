@@ -1,82 +1,24 @@
-"""What export checks: that the run is complete and belongs to the ETL output, that --output
-may be replaced, that the built repository's own workflow and TorchScript score every id of
-the ETL output (before the rename), and with --verify that a live tritonserver answers each
-ensemble."""
+"""What export checks besides its inputs (serving/inputs.py): that --output may be replaced,
+that the built repository's own workflow and TorchScript score every id of the ETL output
+(before the rename), and with --verify that a live tritonserver answers each ensemble."""
 
 from __future__ import annotations
 
-import json
-import sys
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from merlin_ncf.atomic import check_replaceable
-from merlin_ncf.errors import UserError, one_line
-from merlin_ncf.feature_spec import FeatureSpec
-from merlin_ncf.models.contract import OUTPUTS
+from merlin_ncf.errors import UserError
 from merlin_ncf.serving.errors import ServingError
+from merlin_ncf.serving.inputs import ExportInputs, load_torchscript
 from merlin_ncf.serving.names import MODEL_STEP, SCORES_ENSEMBLE, WORKFLOW_STEP
 from merlin_ncf.serving.repository import VERSION, read_config
-
-if TYPE_CHECKING:
-    from merlin_ncf.serving.inputs import ExportInputs
 
 REPOSITORY_KIND = "repository"  # merlin_ncf.atomic's marker in every repository export writes
 # Repositories written before the marker: recognised by the layout every export writes.
 LEGACY_REPOSITORY_LAYOUT = (f"{WORKFLOW_STEP}/config.pbtxt", f"{MODEL_STEP}/config.pbtxt", f"{SCORES_ENSEMBLE}/config.pbtxt")
-# Runs from before config.json recorded them were NeuMF runs, whose model.ts gives probabilities.
-LEGACY_MODEL, LEGACY_OUTPUT = "neumf", "logit"
-
-
-@dataclass(frozen=True)
-class RunModel:
-    """The run's model as config.json records it: its registry name and its output kind."""
-
-    name: str
-    output: str  # "logit": model.ts returns sigmoid(logit), a probability; "score": a raw score
-
-    @property
-    def score_kind(self) -> str:
-        return "probability" if self.output == "logit" else "score"
-
-
-def check_run_matches_data(run: Path, spec: FeatureSpec, warn=None) -> RunModel:
-    """Refuse a run that is incomplete or was trained on another ETL output: its tables must
-    have exactly the spec's cardinalities (a larger model scores ids it never saw trained),
-    and its recorded data fingerprint must be this ETL output's. Returns its model."""
-    missing = [name for name in ("config.json", "model.ts") if not (run / name).is_file()]
-    if missing:
-        raise ServingError(f"{run / missing[-1]} not found: {run} is not a complete training run directory "
-                           "(train it with models/train_ncf.py, or resume it)")
-    try:
-        config = json.loads((run / "config.json").read_text())
-        sizes = config["model"]["config"]
-        nb_users, nb_items = int(sizes["nb_users"]), int(sizes["nb_items"])
-        model = RunModel(str(config["model"].get("name", LEGACY_MODEL)), str(config.get("output", LEGACY_OUTPUT)))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise ServingError(f"{run / 'config.json'} is not a training run's config (no model.config.nb_users/"
-                           f"nb_items: {one_line(exc)})") from None
-    if model.output not in OUTPUTS:
-        raise ServingError(f"{run / 'config.json'} records output {model.output!r}; expected one of {OUTPUTS}")
-    if (nb_users, nb_items) != (spec.num_users, spec.num_items):
-        raise ServingError(f"{run} was trained for {nb_users} users and {nb_items} items, but {spec.base_dir} has "
-                           f"{spec.num_users} and {spec.num_items}: the model belongs to another ETL output")
-    recorded = config.get("data_fingerprint")
-    if recorded is None:
-        (warn or _warn)(f"warning: {run / 'config.json'} records no data_fingerprint (a run from before it was "
-                        f"recorded): cannot check that it was trained on {spec.base_dir}")
-    elif recorded != spec.fingerprint():
-        raise ServingError(f"{run} was trained on other data than {spec.base_dir} (its data_fingerprint differs): "
-                           "export it with the ETL output it was trained on")
-    return model
-
-
-def _warn(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def check_output(output: Path, data: Path, run: Path, overwrite: bool) -> None:
@@ -91,15 +33,6 @@ def check_output(output: Path, data: Path, run: Path, overwrite: bool) -> None:
         raise ServingError(f"{output} exists (pass --overwrite to replace it)")
 
 
-def load_torchscript(path: Path):
-    import torch
-
-    try:
-        return torch.jit.load(str(path), map_location="cpu").eval()
-    except Exception as exc:
-        raise ServingError(f"{path} is not a loadable TorchScript module: {one_line(exc)}") from None
-
-
 def load_request_encoder(repo: Path, compiled: bool = True):
     """The exported workflow step's encoder, as the server's workflow step loads it."""
     from merlin_ncf.serving.inference_workflow import RequestEncoder
@@ -109,7 +42,7 @@ def load_request_encoder(repo: Path, compiled: bool = True):
     return RequestEncoder.load(repo / WORKFLOW_STEP / VERSION, parameters, compiled=compiled)
 
 
-def check_scoring(repo: Path, inputs: "ExportInputs") -> None:
+def check_scoring(repo: Path, inputs: ExportInputs) -> None:
     """Encode every known item for one user with the repository's workflow and score them with
     its TorchScript: a model that cannot score every id of this ETL output fails here, and so
     does a "logit" run whose model.ts does not return probabilities."""
@@ -141,7 +74,7 @@ def check_scoring(repo: Path, inputs: "ExportInputs") -> None:
                            f"{inputs.run.output!r}, so model.ts must return probabilities")
 
 
-def verify_with_server(repo: Path, inputs: "ExportInputs", flavour: str, recommend: bool) -> None:
+def verify_with_server(repo: Path, inputs: ExportInputs, flavour: str, recommend: bool) -> None:
     """Serve the repository with the tritonserver found here and send one request per ensemble."""
     from merlin_ncf.serving.client import RecommenderClient
     from merlin_ncf.serving.serve import TritonServer

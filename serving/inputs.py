@@ -1,17 +1,78 @@
 """Everything export reads, found, checked and loaded before anything is written: the ETL
-output's feature spec, saved workflow and item table; the run's model (config.json) and
-model.ts."""
+output's feature spec, saved workflow and item table; the run's model (config.json: its name
+and output kind; the run must be complete and belong to the ETL output) and model.ts."""
 
 from __future__ import annotations
 
+import json
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from merlin_ncf.errors import one_line
 from merlin_ncf.feature_spec import FeatureSpec, FeatureSpecError
-from merlin_ncf.serving.checks import RunModel, check_run_matches_data, load_torchscript
+from merlin_ncf.models.contract import OUTPUTS
 from merlin_ncf.serving.errors import ServingError
+
+# Runs from before config.json recorded them were NeuMF runs, whose model.ts gives probabilities.
+LEGACY_MODEL, LEGACY_OUTPUT = "neumf", "logit"
+
+
+@dataclass(frozen=True)
+class RunModel:
+    """The run's model as config.json records it: its registry name and its output kind."""
+
+    name: str
+    output: str  # "logit": model.ts returns sigmoid(logit), a probability; "score": a raw score
+
+    @property
+    def score_kind(self) -> str:
+        return "probability" if self.output == "logit" else "score"
+
+
+def check_run_matches_data(run: Path, spec: FeatureSpec, warn=None) -> RunModel:
+    """Refuse a run that is incomplete or was trained on another ETL output: its tables must
+    have exactly the spec's cardinalities (a larger model scores ids it never saw trained),
+    and its recorded data fingerprint must be this ETL output's. Returns its model."""
+    missing = [name for name in ("config.json", "model.ts") if not (run / name).is_file()]
+    if missing:
+        raise ServingError(f"{run / missing[-1]} not found: {run} is not a complete training run directory "
+                           "(train it with models/train_ncf.py, or resume it)")
+    try:
+        config = json.loads((run / "config.json").read_text())
+        sizes = config["model"]["config"]
+        nb_users, nb_items = int(sizes["nb_users"]), int(sizes["nb_items"])
+        model = RunModel(str(config["model"].get("name", LEGACY_MODEL)), str(config.get("output", LEGACY_OUTPUT)))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ServingError(f"{run / 'config.json'} is not a training run's config (no model.config.nb_users/"
+                           f"nb_items: {one_line(exc)})") from None
+    if model.output not in OUTPUTS:
+        raise ServingError(f"{run / 'config.json'} records output {model.output!r}; expected one of {OUTPUTS}")
+    if (nb_users, nb_items) != (spec.num_users, spec.num_items):
+        raise ServingError(f"{run} was trained for {nb_users} users and {nb_items} items, but {spec.base_dir} has "
+                           f"{spec.num_users} and {spec.num_items}: the model belongs to another ETL output")
+    recorded = config.get("data_fingerprint")
+    if recorded is None:
+        (warn or _warn)(f"warning: {run / 'config.json'} records no data_fingerprint (a run from before it was "
+                        f"recorded): cannot check that it was trained on {spec.base_dir}")
+    elif recorded != spec.fingerprint():
+        raise ServingError(f"{run} was trained on other data than {spec.base_dir} (its data_fingerprint differs): "
+                           "export it with the ETL output it was trained on")
+    return model
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def load_torchscript(path: Path):
+    import torch
+
+    try:
+        return torch.jit.load(str(path), map_location="cpu").eval()
+    except Exception as exc:
+        raise ServingError(f"{path} is not a loadable TorchScript module: {one_line(exc)}") from None
 
 
 @dataclass

@@ -87,3 +87,45 @@ def test_unknown_user_gets_item_popularity(served, etl_dir):
     top = client.recommend(UNKNOWN_USER, top_k=5)
     np.testing.assert_allclose(top.scores, sorted(popularity.values(), reverse=True)[:5], atol=1e-6, rtol=0)
     np.testing.assert_allclose(top.scores, [popularity[i] for i in top.item_ids], atol=1e-6, rtol=0)
+
+
+def test_export_takes_the_output_kind_from_the_run(etl_dir, model_runs, tmp_path):
+    import json
+    import shutil
+
+    from merlin_ncf.feature_spec import FeatureSpec
+    from merlin_ncf.serving.inputs import RunModel, check_run_matches_data
+    from merlin_ncf.serving.repository import read_config
+    from test_serving import _export_cli
+
+    def copy_run(name: str, **changes) -> "Path":
+        to = tmp_path / f"{name}-{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(model_runs[name][0], to)
+        config = json.loads((to / "config.json").read_text())
+        config.update(changes)
+        config = {k: v for k, v in config.items() if v is not None}
+        (to / "config.json").write_text(json.dumps(config))
+        return to
+
+    spec = FeatureSpec.load(etl_dir)
+    # An older NeuMF run records no output (nor model name): a logit model, served as probabilities.
+    older = copy_run("neumf", output=None)
+    config = json.loads((older / "config.json").read_text())
+    del config["model"]["name"]
+    (older / "config.json").write_text(json.dumps(config))
+    assert check_run_matches_data(older, spec) == RunModel("neumf", "logit")
+    # A run whose model.ts returns raw scores but claims probabilities is refused before anything is written.
+    claims_logit = copy_run("convncf", output="logit")
+    code, stderr = _export_cli("--data", str(etl_dir), "--run", str(claims_logit), "--output", str(tmp_path / "bad"))
+    assert code == 2 and "must return probabilities" in stderr and stderr.count("\n") == 1, stderr
+    assert not (tmp_path / "bad").exists()
+    unknown_output = copy_run("multvae", output="ranking")
+    code, stderr = _export_cli("--data", str(etl_dir), "--run", str(unknown_output), "--output", str(tmp_path / "bad"))
+    assert code == 2 and "records output 'ranking'" in stderr, stderr
+    # What `score` means is recorded where clients read it.
+    repo = tmp_path / "repo"
+    assert _export_cli("--data", str(etl_dir), "--run", str(model_runs["multvae"][0]), "--output", str(repo),
+                       "--top-k", "0")[0] == 0
+    for model in ("scores", "model"):
+        parameters = read_config(repo / model / "config.pbtxt").parameters
+        assert parameters["score_kind"].string_value == "score" and parameters["model_name"].string_value == "multvae"
