@@ -127,9 +127,7 @@ def neumf_row(bench: Bench, args, variant: str, workdir: Path) -> dict:
     from merlin_ncf.models.ranking import score_all_items
 
     run = workdir / f"run-{variant}"
-    # as a module: run as a script, models/ is sys.path[0] and models/distributed.py shadows the
-    # `distributed` package that merlin.io imports through dask.
-    command = [sys.executable, "-m", "merlin_ncf.models.train_ncf", "--data", str(args.data), "--output", str(run),
+    command = [sys.executable, str(REPO / "models" / "train_ncf.py"), "--data", str(args.data), "--output", str(run),
                "--no-progress", *([] if variant == "neumf" else ["--variant", variant]), *shlex.split(args.train_args)]
     print(f"[{PROG}] {' '.join(command)}", file=sys.stderr, flush=True)
     start = time.perf_counter()
