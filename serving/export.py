@@ -30,6 +30,7 @@ from merlin_ncf.atomic import atomic_directory, check_replaceable
 from merlin_ncf.workflows.cluster import quiet_merlin
 from merlin_ncf.errors import OneLineArgumentParser, UserError, one_line
 from merlin_ncf.feature_spec import FeatureSpec, FeatureSpecError
+from merlin_ncf.workflows.transcode import etl_directory
 
 FLAVOURS = ("auto", "python", "libtorch")
 WORKFLOW_STEP, MODEL_STEP, TOP_K_STEP = "workflow", "model", "top_k"
@@ -60,9 +61,10 @@ class ExportInputs:
 
 def locate_inputs(data: Path, run: Path) -> ExportInputs:
     try:
+        data = etl_directory(data)  # a foreign Dataset Feature Specification: its transcoded copy
         spec = FeatureSpec.load(data)
         workflow_dir, items_table = spec.path("workflow"), spec.path("item_table")
-    except FeatureSpecError as exc:
+    except (FeatureSpecError, UserError) as exc:
         raise ServingError(str(exc)) from None
     if not (workflow_dir / "workflow.pkl").is_file():
         raise ServingError(f"{workflow_dir} holds no saved NVTabular workflow (workflow.pkl)")
