@@ -49,6 +49,7 @@ class RecommenderClient:
         self.protocol = protocol
         self.url = url or DEFAULT_URLS[protocol]
         self.user_column, self.item_column = user_column, item_column
+        self._types: dict[str, dict[str, str]] = {}
         self._api = _tritonclient(protocol)
         self.timeout_s, self.retry_for_s = timeout_s, retry_for_s
         self.retries = 0  # requests sent again after the server was unreachable
@@ -67,19 +68,32 @@ class RecommenderClient:
 
     def scores(self, users, items) -> np.ndarray:
         """Probabilities for each (user, item) pair; one user is paired with every item."""
-        result = self._infer(SCORES_MODEL, {self.user_column: _ids(users), self.item_column: _ids(items)}, ["score"])
+        types = self._input_types(SCORES_MODEL)
+        result = self._infer(SCORES_MODEL, {self.user_column: _ids(users, types[self.user_column]),
+                                            self.item_column: _ids(items, types[self.item_column])}, ["score"])
         return result.as_numpy("score")
 
     def recommend(self, user: int, items=None, top_k: int | None = None) -> Recommendations:
         """The `top_k` best items for `user` among `items` (default: every item), best first."""
-        tensors = {self.user_column: _ids([user])}
+        types = self._input_types(RECOMMEND_MODEL)
+        tensors = {self.user_column: _ids([user], types[self.user_column])}
         if items is not None:
-            tensors[self.item_column] = _ids(items)
+            tensors[self.item_column] = _ids(items, types[self.item_column])
         if top_k is not None:
             tensors["top_k"] = np.array([check_top_k(top_k)], dtype=np.int32)
         result = self._infer(RECOMMEND_MODEL, tensors, ["top_item_id", "top_score", "top_title"])
         titles = [t.decode() if isinstance(t, bytes) else str(t) for t in result.as_numpy("top_title").reshape(-1)]
-        return Recommendations(result.as_numpy("top_item_id"), result.as_numpy("top_score"), titles)
+        return Recommendations(_raw(result.as_numpy("top_item_id")), result.as_numpy("top_score"), titles)
+
+    def _input_types(self, model: str) -> dict[str, str]:
+        """The model's input datatypes: raw ids are INT64, or BYTES for a log with string ids."""
+        if model not in self._types:
+            try:
+                meta = self._client.get_model_metadata(model, **({"as_json": True} if self.protocol == "grpc" else {}))
+            except Exception as exc:
+                raise self._describe(exc) from None
+            self._types[model] = {spec["name"]: spec["datatype"] for spec in meta["inputs"]}
+        return self._types[model]
 
     def _infer(self, model: str, tensors: dict[str, np.ndarray], outputs: list[str]):
         inputs = []
@@ -160,15 +174,28 @@ def _tritonclient(protocol: str):
     return api
 
 
-def _ids(values) -> np.ndarray:
-    array = np.asarray(values)
+def _ids(values, datatype: str = "INT64") -> np.ndarray:
+    """Raw ids as the server takes them: int64, or UTF-8 bytes for a log with string ids."""
+    array = np.asarray(values).reshape(-1)
+    if datatype == "BYTES":
+        return np.array([v if isinstance(v, bytes) else str(v).encode() for v in array], dtype=np.object_)
+    if array.dtype.kind in "US":  # "42" from a command line
+        try:
+            array = array.astype(np.int64)
+        except ValueError:
+            raise ServingError(f"this server's ids are integers, got {', '.join(map(str, array[:3]))}") from None
     if array.dtype.kind not in "iu":
         raise ServingError(f"ids must be integers, got {array.dtype}")
-    return array.astype(np.int64).reshape(-1)
+    return array.astype(np.int64)
+
+
+def _raw(ids: np.ndarray) -> np.ndarray:
+    """Raw ids from a response in their own type: BYTES come back as str."""
+    return np.array([i.decode() for i in ids.reshape(-1)], dtype=np.object_) if ids.dtype == np.object_ else ids
 
 
 def _triton_dtype(array: np.ndarray) -> str:
-    return {np.dtype(np.int64): "INT64", np.dtype(np.int32): "INT32"}[array.dtype]
+    return {np.dtype(np.int64): "INT64", np.dtype(np.int32): "INT32", np.dtype(np.object_): "BYTES"}[array.dtype]
 
 
 def _first_line(exc: Exception) -> str:
@@ -180,11 +207,9 @@ def _first_line(exc: Exception) -> str:
 # --- command line --------------------------------------------------------------------------------
 
 
-def parse_item_list(text: str) -> list[int]:
-    try:
-        items = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ServingError(f"--items must be comma-separated integer ids, got {text!r}") from None
+def parse_item_list(text: str) -> list[str]:
+    """Raw ids as text: the client gives them the server's id type (integers or strings)."""
+    items = [part.strip() for part in text.split(",") if part.strip()]
     if not items:
         raise ServingError("--items is empty")
     return items
@@ -213,7 +238,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = OneLineArgumentParser(
         description="Ask the served recommender for a user's top-K items, or for scores of given items."
     )
-    parser.add_argument("--user", required=True, type=int, help="raw user id (as in the input data)")
+    parser.add_argument("--user", required=True, help="raw user id (as in the input data: an integer or a string)")
     parser.add_argument("--items", type=parse_item_list,
                         help="comma-separated raw item ids to score (default: rank every item)")
     parser.add_argument("--top-k", type=int,

@@ -169,8 +169,8 @@ def write_workflow_step(repo: Path, inputs: ExportInputs, unknown_ids: str, inst
         seen_items(inputs).save(version_dir / SEEN_FILE)
     config = mc.ModelConfig(name=WORKFLOW_STEP, backend="python", instance_group=_cpu_instances(instances))
     config.input.extend([
-        tensor(mc.ModelInput, inputs.user, mc.TYPE_INT64),
-        tensor(mc.ModelInput, inputs.item, mc.TYPE_INT64, optional=True),
+        tensor(mc.ModelInput, inputs.user, raw_type(inputs, inputs.user)),
+        tensor(mc.ModelInput, inputs.item, raw_type(inputs, inputs.item), optional=True),
         # top_k passes through here because Triton only leaves out an absent optional input
         # for a step fed by the ensemble's inputs alone; this step fills in the default.
         tensor(mc.ModelInput, "top_k", mc.TYPE_INT32, dims=(1,), optional=True),
@@ -178,12 +178,18 @@ def write_workflow_step(repo: Path, inputs: ExportInputs, unknown_ids: str, inst
     config.output.extend([
         tensor(mc.ModelOutput, inputs.user, mc.TYPE_INT64),
         tensor(mc.ModelOutput, inputs.item, mc.TYPE_INT64),
-        tensor(mc.ModelOutput, "candidate_id", mc.TYPE_INT64),
+        tensor(mc.ModelOutput, "candidate_id", raw_type(inputs, inputs.item)),
         tensor(mc.ModelOutput, "top_k", mc.TYPE_INT32, dims=(1,)),
     ])
     _set_parameters(config, user_column=inputs.user, item_column=inputs.item,
                     first_index=inputs.spec.first_item_index, unknown_ids=unknown_ids, default_k=default_k)
     write_config(repo / WORKFLOW_STEP, config)
+
+
+def raw_type(inputs: ExportInputs, column: str) -> int:
+    """Triton's type for a raw id column: strings (BYTES) where the log's ids were strings."""
+    string = inputs.workflow.input_schema[column].dtype.element_type.value in ("object", "string")
+    return mc.TYPE_STRING if string else mc.TYPE_INT64
 
 
 def seen_items(inputs: ExportInputs) -> "SeenItems":
@@ -243,17 +249,17 @@ def write_top_k_step(repo: Path, inputs: ExportInputs) -> None:
     if "raw_item_id" not in items.columns:
         raise ServingError(f"{inputs.items_table} has no raw_item_id column")
     titles = items["title"] if "title" in items.columns else pd.Series("", index=items.index)
-    pd.DataFrame({"raw_item_id": items["raw_item_id"].astype("int64"), "title": titles.fillna("").astype(str)}).to_parquet(
+    pd.DataFrame({"raw_item_id": items["raw_item_id"], "title": titles.fillna("").astype(str)}).to_parquet(
         version_dir / "items.parquet", index=False
     )
     config = mc.ModelConfig(name=TOP_K_STEP, backend="python", instance_group=_cpu_instances(1))
     config.input.extend([
-        tensor(mc.ModelInput, "candidate_id", mc.TYPE_INT64),
+        tensor(mc.ModelInput, "candidate_id", raw_type(inputs, inputs.item)),
         tensor(mc.ModelInput, "score", mc.TYPE_FP32),
         tensor(mc.ModelInput, "top_k", mc.TYPE_INT32, dims=(1,)),
     ])
     config.output.extend([
-        tensor(mc.ModelOutput, "item_id", mc.TYPE_INT64),
+        tensor(mc.ModelOutput, "item_id", raw_type(inputs, inputs.item)),
         tensor(mc.ModelOutput, "score", mc.TYPE_FP32),
         tensor(mc.ModelOutput, "title", mc.TYPE_STRING),
     ])
@@ -287,7 +293,8 @@ def _encode_and_score_steps(user: str, item: str, recommend: bool) -> list:
 def write_scores_ensemble(repo: Path, inputs: ExportInputs) -> None:
     user, item = inputs.user, inputs.item
     config = mc.ModelConfig(name=SCORES_ENSEMBLE, platform="ensemble")
-    config.input.extend([tensor(mc.ModelInput, user, mc.TYPE_INT64), tensor(mc.ModelInput, item, mc.TYPE_INT64)])
+    config.input.extend([tensor(mc.ModelInput, user, raw_type(inputs, user)),
+                         tensor(mc.ModelInput, item, raw_type(inputs, item))])
     config.output.append(tensor(mc.ModelOutput, "score", mc.TYPE_FP32))
     steps = _encode_and_score_steps(user, item, recommend=False)
     steps[-1].output_map["score"] = "score"
@@ -299,12 +306,12 @@ def write_recommend_ensemble(repo: Path, inputs: ExportInputs) -> None:
     user, item = inputs.user, inputs.item
     config = mc.ModelConfig(name=RECOMMEND_ENSEMBLE, platform="ensemble")
     config.input.extend([
-        tensor(mc.ModelInput, user, mc.TYPE_INT64),
-        tensor(mc.ModelInput, item, mc.TYPE_INT64, optional=True),
+        tensor(mc.ModelInput, user, raw_type(inputs, user)),
+        tensor(mc.ModelInput, item, raw_type(inputs, item), optional=True),
         tensor(mc.ModelInput, "top_k", mc.TYPE_INT32, dims=(1,), optional=True),
     ])
     config.output.extend([
-        tensor(mc.ModelOutput, "top_item_id", mc.TYPE_INT64),
+        tensor(mc.ModelOutput, "top_item_id", raw_type(inputs, item)),
         tensor(mc.ModelOutput, "top_score", mc.TYPE_FP32),
         tensor(mc.ModelOutput, "top_title", mc.TYPE_STRING),
     ])
@@ -415,7 +422,7 @@ def verify_with_server(repo: Path, inputs: ExportInputs, flavour: str, recommend
         raise ServingError(f"--verify: the tritonserver found here ({installation.binary}) has no pytorch backend "
                            "for the libtorch flavour (verify it where it will run, or export --flavour python)")
     encoder = load_request_encoder(repo)
-    user, items = int(encoder.workflow.vocabulary(inputs.user)[0]), encoder.all_items[:3]
+    user, items = encoder.workflow.vocabulary(inputs.user)[0], encoder.all_items[:3]
     try:
         with TritonServer(repo, installation=installation) as server, RecommenderClient(server.http_url) as client:
             if client.scores([user], items).shape != (len(items),):

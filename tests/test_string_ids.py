@@ -102,3 +102,49 @@ def test_saved_workflow_maps_raw_string_ids_as_the_etl_did(string_etl):
     assert unknown["user_id"].tolist() == [2] and unknown["item_id"].tolist() == [2]  # out-of-vocabulary
     stats = json.loads((etl / "stats.json").read_text())
     assert stats["users"] == 40 and stats["test_users"] == 40
+
+
+@pytest.mark.slow
+def test_string_ids_end_to_end_from_a_raw_csv_to_served_top_k(string_etl, tmp_path):
+    """Raw CSV with string users and SKUs -> etl.py -> training -> export -> tritonserver:
+    strings in, strings out, over HTTP and gRPC, with the item table's titles."""
+    import subprocess
+    import sys
+
+    from merlin_ncf.serving.client import RecommenderClient
+    from merlin_ncf.serving.errors import ServingError
+    from merlin_ncf.serving.export import export
+    from merlin_ncf.serving.serve import TritonServer
+
+    log, etl = string_etl
+    run, repo = tmp_path / "run", tmp_path / "repo"
+    # python -m: run as a script, models/distributed.py would shadow dask's `distributed`.
+    done = subprocess.run([sys.executable, "-m", "merlin_ncf.models.train_ncf", "--data", str(etl), "--output", str(run),
+                           "--epochs", "2", "--no-progress", "--batch-size", "256", "--factors", "8",
+                           "--mlp-layers", "16", "8"], capture_output=True, text=True, timeout=300, cwd="/")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert export(etl, run, repo, flavour="python", top_k=5, verify=True, log=lambda *_: None) == "python"
+    user = log["customer"].iloc[0]
+    seen = set(log.loc[log["customer"] == user, "sku"])
+    some = sorted(set(log["sku"]) - seen)[:4]
+    with TritonServer(repo, startup_timeout_s=240) as server:
+        answers = {}
+        for protocol, url in (("http", server.http_url), ("grpc", server.grpc_url)):
+            with RecommenderClient(url, protocol) as client:
+                top = client.recommend(user, top_k=5)
+                assert len(top.item_ids) == 5 and all(isinstance(i, str) for i in top.item_ids)
+                assert set(top.item_ids) <= set(log["sku"])
+                assert top.titles == [f"Product {i}" for i in top.item_ids]
+                chosen = client.recommend(user, items=some, top_k=4)
+                assert sorted(chosen.item_ids) == some
+                scores = client.scores([user], some)
+                assert dict(zip(some, scores)) == pytest.approx(dict(zip(chosen.item_ids, chosen.scores)))
+                with pytest.raises(ServingError, match="unknown user_id"):
+                    client.recommend("no-such-user", top_k=3)
+                answers[protocol] = (list(top.item_ids), top.scores.tolist())
+        assert answers["http"] == answers["grpc"]
+        cli = subprocess.run([sys.executable, "-m", "merlin_ncf.serving.client", "--user", user, "--top-k", "3",
+                              "--url", server.grpc_url, "--protocol", "grpc"],
+                             capture_output=True, text=True, timeout=120, cwd="/")
+        assert cli.returncode == 0, cli.stderr
+        assert f"user {user}" in cli.stdout and f"Product {answers['grpc'][0][0]}" in cli.stdout

@@ -17,6 +17,8 @@ class TritonPythonModel:
 
     def _respond(self, request):
         candidates = input_array(request, "candidate_id").reshape(-1)
+        if candidates.dtype == np.object_:  # string ids arrive as bytes
+            candidates = np.array([c.decode() for c in candidates], dtype=np.object_)
         scores = input_array(request, "score").reshape(-1)
         k = input_array(request, "top_k").reshape(-1)  # checked by the workflow step
         # Each candidate once (its first occurrence), best score first, ties in request order.
