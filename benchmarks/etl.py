@@ -1,8 +1,9 @@
-"""ETL benchmark: wall time per phase, rows/s and peak memory at growing sizes.
+"""ETL benchmark: wall time per phase, rows/s and peak memory at growing sizes, beside its peer.
 
 Generates ml-20m-shaped synthetic logs (users and items scaled from ml-20m's 138,493 x 26,744)
-once into --data-dir, runs `workflows/etl.py` on each as a user would (a fresh process),
-samples the resident memory of that process and all its children, and prints a table.
+once into --data-dir, runs `workflows/etl.py` on each as a user would (a fresh process) and,
+on the same file, the plain-pandas script doing the same job (benchmarks/etl_pandas_reference.py),
+samples the resident memory of each process tree, and prints one table with the ratio.
 
     python benchmarks/etl.py                      # 1M, 5M, 20M interactions
     python benchmarks/etl.py --sizes 1M 5M --workers 2 --plot etl-benchmark.png
@@ -29,7 +30,7 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 
-from merlin_ncf.errors import OneLineArgumentParser  # noqa: E402
+from merlin_ncf.errors import OneLineArgumentParser, run_cli  # noqa: E402
 
 ML20M_ROWS, ML20M_USERS, ML20M_ITEMS = 20_000_263, 138_493, 26_744
 PHASES = ("read", "filter", "encode", "split", "negatives", "write")
@@ -93,31 +94,50 @@ def ensure_data(rows: int, data_dir: Path, seed: int) -> Path:
     return target
 
 
-def run_etl(raw: Path, output: Path, extra: list[str]) -> dict:
-    command = [sys.executable, str(REPO / "workflows/etl.py"), "--input", str(raw), "--output", str(output),
-               "--quiet", *extra]
+def measured(command: list[str], what: str) -> tuple[str, float, int, float]:
+    """Run a command; its stdout, wall seconds, peak RSS of its process tree and the mean load."""
     start = time.perf_counter()
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     memory = PeakMemory(process.pid)
-    _, stderr = process.communicate()
+    stdout, stderr = process.communicate()
     wall = time.perf_counter() - start
     peak = memory.stop()
-    load = sum(memory.loads) / max(1, len(memory.loads))
     if process.returncode != 0:
-        raise SystemExit(f"etl failed on {raw}: {stderr.strip().splitlines()[-1] if stderr.strip() else process.returncode}")
+        raise SystemExit(f"{what} failed: {stderr.strip().splitlines()[-1] if stderr.strip() else process.returncode}")
+    return stdout, wall, peak, sum(memory.loads) / max(1, len(memory.loads))
+
+
+def run_etl(raw: Path, output: Path, extra: list[str]) -> dict:
+    _, wall, peak, load = measured([sys.executable, str(REPO / "workflows/etl.py"), "--input", str(raw),
+                                    "--output", str(output), "--quiet", *extra], f"etl on {raw}")
     stats = json.loads((output / "stats.json").read_text())
-    return {"rows": stats["interactions"], "users": stats["users"], "items": stats["items"],
-            "seconds": stats["seconds"], "wall": wall, "peak_rss": peak, "load": load}
+    return {"name": "merlin-ncf ETL", "rows": stats["interactions"], "users": stats["users"],
+            "items": stats["items"], "seconds": stats["seconds"], "wall": wall, "peak_rss": peak, "load": load}
+
+
+def run_reference(raw: Path, output: Path) -> dict:
+    """The plain-pandas peer on the same ratings.csv (no validation lists: it holds out test only)."""
+    stdout, wall, peak, load = measured([sys.executable, str(REPO / "benchmarks/etl_pandas_reference.py"),
+                                         "--input", str(raw / "ratings.csv"), "--output", str(output)],
+                                        f"pandas reference on {raw}")
+    stats = json.loads(stdout.strip().splitlines()[-1])
+    return {"name": "pandas reference", "rows": stats["rows"], "seconds": stats["seconds"], "wall": wall,
+            "peak_rss": peak, "load": load}
 
 
 def table(results: list[dict]) -> str:
-    header = ["rows", *PHASES, "etl total", "process wall", "rows/s", "peak RSS", "load avg"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
-    for r in results:
-        cells = [f"{r['rows']:,}", *(f"{r['seconds'].get(p, 0):.1f} s" for p in PHASES),
-                 f"{r['seconds']['total']:.1f} s", f"{r['wall']:.1f} s", f"{r['rows'] / r['wall']:,.0f}",
-                 f"{r['peak_rss'] / 2**30:.2f} GiB", f"{r['load']:.1f}"]
-        lines.append("| " + " | ".join(cells) + " |")
+    """One row per run; the peer's row carries our time and memory as multiples of its own."""
+    header = ["rows", "job", *PHASES, "total", "process wall", "rows/s", "peak RSS", "ours / peer (time, memory)",
+              "load avg"]
+    lines = ["| " + " | ".join(header) + " |", "|---:|---|" + "---:|" * (len(header) - 2)]
+    for ours, peer in results:
+        for r in (ours, peer):
+            ratio = (f"{ours['wall'] / r['wall']:.2f}x, {ours['peak_rss'] / max(r['peak_rss'], 1):.2f}x"
+                     if r is peer else "")
+            cells = [f"{r['rows']:,}", r["name"], *(f"{r['seconds'].get(p, 0):.1f} s" for p in PHASES),
+                     f"{r['seconds']['total']:.1f} s", f"{r['wall']:.1f} s", f"{r['rows'] / r['wall']:,.0f}",
+                     f"{r['peak_rss'] / 2**30:.2f} GiB", ratio, f"{r['load']:.1f}"]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -127,16 +147,20 @@ def plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r["rows"] / 1e6 for r in results]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    bottom = [0.0] * len(results)
+    runs = [run for pair in results for run in pair]
+    labels = [f"{r['rows'] / 1e6:g}M\n{'ours' if r['name'].startswith('merlin') else 'pandas'}" for r in runs]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    bottom = [0.0] * len(runs)
     for phase in PHASES:
-        values = [r["seconds"].get(phase, 0) for r in results]
-        left.bar([f"{x:g}M" for x in rows], values, bottom=bottom, label=phase)
+        values = [r["seconds"].get(phase, 0) for r in runs]
+        left.bar(labels, values, bottom=bottom, label=phase)
         bottom = [b + v for b, v in zip(bottom, values)]
-    left.set(ylabel="seconds", title="ETL time per phase")
+    left.set(ylabel="seconds", title="ETL time per phase: ours beside plain pandas")
     left.legend()
-    right.plot(rows, [r["peak_rss"] / 2**30 for r in results], marker="o")
+    rows = [ours["rows"] / 1e6 for ours, _ in results]
+    right.plot(rows, [ours["peak_rss"] / 2**30 for ours, _ in results], marker="o", label="ours")
+    right.plot(rows, [peer["peak_rss"] / 2**30 for _, peer in results], marker="s", label="pandas reference")
+    right.legend()
     right.set(xlabel="million interactions", ylabel="GiB", title="peak RSS (process tree)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -147,8 +171,9 @@ def main(argv: list[str] | None = None) -> int:
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--sizes", nargs="+", type=parse_size, default=[1_000_000, 5_000_000, 20_000_000],
                         help="interaction counts to run (suffixes K and M allowed)")
-    parser.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "merlin-ncf-bench",
-                        help="where the synthetic inputs are generated once and reused")
+    parser.add_argument("--data-dir", type=Path,
+                        help="where the synthetic inputs are generated once and reused (default: a new private "
+                             "temporary directory, removed at the end)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
     parser.add_argument("--device", default="cpu", help="passed to etl.py --device")
     parser.add_argument("--workers", type=int, default=0, help="passed to etl.py --workers (0 = in-process)")
@@ -158,16 +183,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", type=Path, help="also plot time per phase and peak memory to this PNG")
     args = parser.parse_args(argv)
 
+    scratch = None if args.data_dir else Path(tempfile.mkdtemp(prefix="merlin-ncf-bench-"))  # private, 0700
+    data_dir = args.data_dir or scratch
     results = []
-    for rows in args.sizes:
-        raw = ensure_data(rows, args.data_dir, args.seed)
-        output = args.data_dir / f"etl-{rows}"
-        print(f"ETL on {rows:,} interactions ...", flush=True)
-        runs = []
-        for _ in range(max(1, args.repeat)):
-            runs.append(run_etl(raw, output, ["--device", args.device, "--workers", str(args.workers)]))
+    try:
+        for rows in args.sizes:
+            raw = ensure_data(rows, data_dir, args.seed)
+            output = Path(tempfile.mkdtemp(prefix="etl-", dir=data_dir))
+            print(f"ETL and its pandas peer on {rows:,} interactions ...", flush=True)
+            ours, peer = [], []
+            for _ in range(max(1, args.repeat)):
+                shutil.rmtree(output, ignore_errors=True)
+                ours.append(run_etl(raw, output, ["--device", args.device, "--workers", str(args.workers)]))
+                shutil.rmtree(output, ignore_errors=True)
+                peer.append(run_reference(raw, output))
             shutil.rmtree(output, ignore_errors=True)
-        results.append(min(runs, key=lambda r: r["wall"]))
+            results.append((min(ours, key=lambda r: r["wall"]), min(peer, key=lambda r: r["wall"])))
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     print(f"\nETL benchmark ({args.device}, workers={args.workers}, {psutil.cpu_count()} CPUs, "
           f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM)\n")
     print(table(results))
@@ -180,4 +214,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         from merlin_ncf.models.data import open_etl
-        from merlin_ncf.models.distributed import from_environment
+        from merlin_ncf.models.ddp import from_environment
 
         device = choose_device(args.device)
         local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))

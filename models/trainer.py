@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from merlin_ncf.models import checkpoint as ckpt
 from merlin_ncf.models.data import Candidates, EtlData, batch_columns, check_ids, seed_shuffle, train_loader, train_pairs
-from merlin_ncf.models.distributed import Context
+from merlin_ncf.models.ddp import Context
 from merlin_ncf.models.metrics import hit_and_ndcg_sums
 from merlin_ncf.models.registry import model_name
 from merlin_ncf.models.errors import TrainingError

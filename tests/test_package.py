@@ -129,3 +129,26 @@ def test_the_installed_wheel_runs_every_command(tmp_path):
     bad = subprocess.run([sys.executable, str(target / "bin" / "merlin-ncf"), "nonsense"], capture_output=True,
                          text=True, cwd=tmp_path, env=env, timeout=60)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_no_module_of_a_script_folder_shadows_an_installed_one():
+    """`python models/train_ncf.py` puts models/ first on sys.path, so a models/distributed.py
+    would be imported in place of dask's `distributed` by any library that asks for it."""
+    import importlib.util
+
+    def in_checkout(entry: str) -> bool:  # pytest puts tests/ on the path; .venv/ may live here too
+        path = Path(entry).resolve()
+        return path.is_relative_to(REPO) and not path.is_relative_to(Path(sys.prefix).resolve())
+
+    clean = [p for p in sys.path if p and p != os.getcwd() and not in_checkout(p)]
+    shadowing = []
+    for folder in ("workflows", "models", "serving", "benchmarks"):
+        for path in (REPO / folder).glob("*.py"):
+            original, sys.path[:] = list(sys.path), clean
+            try:
+                installed = path.stem in sys.modules or importlib.util.find_spec(path.stem) is not None
+                if path.stem != "__init__" and installed:
+                    shadowing.append(f"{folder}/{path.name}")
+            finally:
+                sys.path[:] = original
+    assert not shadowing, shadowing

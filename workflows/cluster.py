@@ -9,25 +9,16 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
-import warnings
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Iterator
 
 from merlin_ncf.errors import EtlError
+from merlin_ncf.merlin_warnings import quiet_merlin  # noqa: F401 - the ETL modules' entry point
 
 DEVICES = ("auto", "gpu", "cpu")
 LOOPBACK_ANY_PORT = "127.0.0.1:0"
 DEFAULT_DASHBOARD = "127.0.0.1:8787"
-
-
-def quiet_merlin() -> None:
-    """Merlin warns once per Dataset that CPU mode is experimental; that is expected here."""
-    warnings.filterwarnings("ignore", message=".*experimental feature.*")
-    warnings.filterwarnings("ignore", message=".*Tensorflow dtype mappings.*")
-    warnings.filterwarnings("ignore", message=".*cpu mode.*", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning, module="merlin")
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
 def gpu_available() -> bool:
