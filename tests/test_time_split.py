@@ -124,3 +124,13 @@ def test_two_worker_cluster_writes_the_same_bytes(split_etl):
     assert files == sorted(p.relative_to(out) for p in out.rglob("*.parquet")) and len(files) >= 4
     for name in files:
         assert (etl / name).read_bytes() == (out / name).read_bytes(), name
+
+
+def test_no_user_spanning_the_cutoff_is_a_one_line_error(tmp_path):
+    log = pd.DataFrame({"user": ["a", "a", "b", "b"], "item": ["x", "y", "x", "z"], "timestamp": [1, 2, 10, 11]})
+    log.to_csv(tmp_path / "log.csv", index=False)
+    result = run_command("workflows/etl.py", "--input", str(tmp_path / "log.csv"), "--user-col", "user", "--item-col",
+                         "item", "--output", str(tmp_path / "out"), "--negatives", "1", "--quiet", "--split", "time",
+                         "--cutoff", "5", check=False)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "nothing to test" in result.stderr

@@ -68,7 +68,7 @@ def split_at(encoded: Path, work: Path, cutoff: Cutoff, first_time: int, n_rows:
     eligible = first_rows[USER].isin(known) & (first_rows[USER] >= FIRST_INDEX)
     split.write_parquet({test: first_rows[eligible][PAIR]})
     positives, train = {"test": test}, before
-    if validation:
+    if validation and split.count_rows(test):  # none: the caller reports that nothing is left to test
         with_test = _users(test, backend)
         rows = split.read_parquet(before, backend, INTERACTION)
         mine, others = work / "before_with_test", work / "before_without_test"
