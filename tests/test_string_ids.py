@@ -118,11 +118,8 @@ def test_string_ids_end_to_end_from_a_raw_csv_to_served_top_k(string_etl, tmp_pa
 
     log, etl = string_etl
     run, repo = tmp_path / "run", tmp_path / "repo"
-    # python -m: run as a script, models/distributed.py would shadow dask's `distributed`.
-    done = subprocess.run([sys.executable, "-m", "merlin_ncf.models.train_ncf", "--data", str(etl), "--output", str(run),
-                           "--epochs", "2", "--no-progress", "--batch-size", "256", "--factors", "8",
-                           "--mlp-layers", "16", "8"], capture_output=True, text=True, timeout=300, cwd="/")
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_command("models/train_ncf.py", "--data", str(etl), "--output", str(run), "--epochs", "2", "--no-progress",
+                "--batch-size", "256", "--factors", "8", "--mlp-layers", "16", "8")
     assert export(etl, run, repo, flavour="python", top_k=5, verify=True, log=lambda *_: None) == "python"
     user = log["customer"].iloc[0]
     seen = set(log.loc[log["customer"] == user, "sku"])

@@ -195,18 +195,6 @@ def test_a_validation_mapping_becomes_validation_lists(tmp_path):
                                   pd.read_parquet(out / "test" / "part_0.parquet"))
 
 
-def train(data: str, *args: str, check: bool = True):
-    """`merlin-ncf train` (python -m): run as a script, models/distributed.py shadows dask's
-    `distributed` on sys.path and merlin.io fails to import (a separate, known problem)."""
-    import subprocess
-    import sys
-
-    result = subprocess.run([sys.executable, "-m", "merlin_ncf.models.train_ncf", "--data", data, *args],
-                            capture_output=True, text=True, timeout=300, cwd="/")
-    assert not check or result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
 def test_train_ncf_takes_a_foreign_spec_directory_directly(tmp_path, monkeypatch):
     """--data names DLE NCF's own output: training reads its transcoded copy from the cache."""
     from merlin_ncf.workflows.datasets import CACHE_ENV
@@ -215,8 +203,8 @@ def test_train_ncf_takes_a_foreign_spec_directory_directly(tmp_path, monkeypatch
     spec = write_ncf(tmp_path / "ncf", "parquet")
     before = sorted(p.name for p in spec.iterdir())
     run = tmp_path / "run"
-    train(str(spec), "--output", str(run), "--epochs", "1", "--no-progress", "--batch-size", "2000", "--factors", "8",
-          "--mlp-layers", "16", "8")
+    run_command("models/train_ncf.py", "--data", str(spec), "--output", str(run), "--epochs", "1", "--no-progress",
+                "--batch-size", "2000", "--factors", "8", "--mlp-layers", "16", "8")
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert len(log) == 1 and np.isfinite(log[0]["loss"])
     assert sorted(p.name for p in spec.iterdir()) == before
@@ -224,5 +212,6 @@ def test_train_ncf_takes_a_foreign_spec_directory_directly(tmp_path, monkeypatch
     bad = tmp_path / "bad"
     shutil.copytree(spec, bad)
     next(bad.glob("**/*.parquet")).unlink()
-    result = train(str(bad), "--output", str(tmp_path / "run2"), "--epochs", "1", check=False)
+    result = run_command("models/train_ncf.py", "--data", str(bad), "--output", str(tmp_path / "run2"), "--epochs", "1",
+                         check=False)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
