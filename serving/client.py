@@ -75,12 +75,13 @@ class RecommenderClient:
 
     def recommend(self, user: int, items=None, top_k: int | None = None) -> Recommendations:
         """The `top_k` best items for `user` among `items` (default: every item), best first."""
+        k = None if top_k is None else np.array([check_top_k(top_k)], dtype=np.int32)  # before asking the server
         types = self._input_types(RECOMMEND_MODEL)
         tensors = {self.user_column: _ids([user], types[self.user_column])}
         if items is not None:
             tensors[self.item_column] = _ids(items, types[self.item_column])
-        if top_k is not None:
-            tensors["top_k"] = np.array([check_top_k(top_k)], dtype=np.int32)
+        if k is not None:
+            tensors["top_k"] = k
         result = self._infer(RECOMMEND_MODEL, tensors, ["top_item_id", "top_score", "top_title"])
         titles = [t.decode() if isinstance(t, bytes) else str(t) for t in result.as_numpy("top_title").reshape(-1)]
         return Recommendations(_raw(result.as_numpy("top_item_id")), result.as_numpy("top_score"), titles)
