@@ -89,10 +89,8 @@ class RecommenderClient:
     def _input_types(self, model: str) -> dict[str, str]:
         """The model's input datatypes: raw ids are INT64, or BYTES for a log with string ids."""
         if model not in self._types:
-            try:
-                meta = self._client.get_model_metadata(model, **({"as_json": True} if self.protocol == "grpc" else {}))
-            except Exception as exc:
-                raise self._describe(exc) from None
+            options = {"as_json": True} if self.protocol == "grpc" else {}
+            meta = self._retrying(lambda: self._client.get_model_metadata(model, **options))
             self._types[model] = {spec["name"]: spec["datatype"] for spec in meta["inputs"]}
         return self._types[model]
 
@@ -103,12 +101,17 @@ class RecommenderClient:
             tensor.set_data_from_numpy(array)
             inputs.append(tensor)
         requested = [self._api.InferRequestedOutput(name) for name in outputs]
+        if self.protocol == "grpc":
+            return self._retrying(lambda: self._client.infer(model, inputs, outputs=requested,
+                                                             client_timeout=self.timeout_s))
+        return self._retrying(lambda: self._client.infer(model, inputs, outputs=requested))
+
+    def _retrying(self, call):
+        """`call()` (which uses self._client), retried on a fresh connection while the server is unavailable."""
         deadline = time.monotonic() + self.retry_for_s
         for attempt in itertools.count():
             try:
-                if self.protocol == "grpc":
-                    return self._client.infer(model, inputs, outputs=requested, client_timeout=self.timeout_s)
-                return self._client.infer(model, inputs, outputs=requested)
+                return call()
             except Exception as exc:
                 error = self._describe(exc)
             if not isinstance(error, ServerUnavailable) or time.monotonic() >= deadline:
