@@ -11,8 +11,9 @@ import numpy as np
 import torch
 
 from merlin_ncf.models.errors import TrainingError
-from merlin_ncf.errors import one_line
+from merlin_ncf.errors import UserError, one_line
 from merlin_ncf.feature_spec import TEST, TRAIN, VALIDATION, FeatureSpec, FeatureSpecError
+from merlin_ncf.workflows.transcode import etl_directory
 
 # merlin.io warns on every CPU Dataset; CPU is a supported mode of this project.
 warnings.filterwarnings("ignore", message=".*CPU mode.*experimental feature.*")
@@ -59,10 +60,11 @@ class EtlData:
 def open_etl(path: str | Path) -> EtlData:
     """Validate an ETL directory: spec, train schema tags, and cardinalities."""
     try:
+        path = etl_directory(path)  # a foreign Dataset Feature Specification: its transcoded copy
         spec = FeatureSpec.load(path)
         train_files = spec.files(TRAIN)
         spec.files(TEST)
-    except FeatureSpecError as exc:
+    except (FeatureSpecError, UserError) as exc:
         raise TrainingError(str(exc)) from None
     if not train_files:
         raise TrainingError(f"{path}: source_spec.train lists no files")

@@ -85,7 +85,7 @@ def verify_with_server(repo: Path, inputs: ExportInputs, flavour: str, recommend
         raise ServingError(f"--verify: the tritonserver found here ({installation.binary}) has no pytorch backend "
                            "for the libtorch flavour (verify it where it will run, or export --flavour python)")
     encoder = load_request_encoder(repo)
-    user, items = int(encoder.workflow.vocabulary(inputs.user)[0]), encoder.all_items[:3]
+    user, items = encoder.workflow.vocabulary(inputs.user)[0], encoder.all_items[:3]
     try:
         with TritonServer(repo, installation=installation) as server, RecommenderClient(server.http_url) as client:
             if client.scores([user], items).shape != (len(items),):

@@ -49,6 +49,7 @@ class RecommenderClient:
         self.protocol = protocol
         self.url = url or DEFAULT_URLS[protocol]
         self.user_column, self.item_column = user_column, item_column
+        self._types: dict[str, dict[str, str]] = {}
         self._api = _tritonclient(protocol)
         self.timeout_s, self.retry_for_s = timeout_s, retry_for_s
         self.retries = 0  # requests sent again after the server was unreachable
@@ -68,7 +69,9 @@ class RecommenderClient:
     def scores(self, users, items) -> np.ndarray:
         """The model's score for each (user, item) pair (see score_kind); one user is paired
         with every item."""
-        result = self._infer(SCORES_ENSEMBLE, {self.user_column: _ids(users), self.item_column: _ids(items)}, [SCORE])
+        types = self._input_types(SCORES_ENSEMBLE)
+        result = self._infer(SCORES_ENSEMBLE, {self.user_column: _ids(users, types[self.user_column]),
+                                               self.item_column: _ids(items, types[self.item_column])}, [SCORE])
         return result.as_numpy(SCORE)
 
     def score_kind(self) -> str:
@@ -85,14 +88,24 @@ class RecommenderClient:
 
     def recommend(self, user: int, items=None, top_k: int | None = None) -> Recommendations:
         """The `top_k` best items for `user` among `items` (default: every item), best first."""
-        tensors = {self.user_column: _ids([user])}
+        k = None if top_k is None else np.array([check_top_k(top_k)], dtype=np.int32)  # before asking the server
+        types = self._input_types(RECOMMEND_ENSEMBLE)
+        tensors = {self.user_column: _ids([user], types[self.user_column])}
         if items is not None:
-            tensors[self.item_column] = _ids(items)
-        if top_k is not None:
-            tensors[TOP_K] = np.array([check_top_k(top_k)], dtype=np.int32)
+            tensors[self.item_column] = _ids(items, types[self.item_column])
+        if k is not None:
+            tensors[TOP_K] = k
         result = self._infer(RECOMMEND_ENSEMBLE, tensors, [TOP_ITEM_ID, TOP_SCORE, TOP_TITLE])
         titles = [t.decode() if isinstance(t, bytes) else str(t) for t in result.as_numpy(TOP_TITLE).reshape(-1)]
-        return Recommendations(result.as_numpy(TOP_ITEM_ID), result.as_numpy(TOP_SCORE), titles)
+        return Recommendations(_raw(result.as_numpy(TOP_ITEM_ID)), result.as_numpy(TOP_SCORE), titles)
+
+    def _input_types(self, model: str) -> dict[str, str]:
+        """The model's input datatypes: raw ids are INT64, or BYTES for a log with string ids."""
+        if model not in self._types:
+            options = {"as_json": True} if self.protocol == "grpc" else {}
+            meta = self._retrying(lambda: self._client.get_model_metadata(model, **options))
+            self._types[model] = {spec["name"]: spec["datatype"] for spec in meta["inputs"]}
+        return self._types[model]
 
     def _infer(self, model: str, tensors: dict[str, np.ndarray], outputs: list[str]):
         inputs = []
@@ -101,12 +114,17 @@ class RecommenderClient:
             tensor.set_data_from_numpy(array)
             inputs.append(tensor)
         requested = [self._api.InferRequestedOutput(name) for name in outputs]
+        if self.protocol == "grpc":
+            return self._retrying(lambda: self._client.infer(model, inputs, outputs=requested,
+                                                             client_timeout=self.timeout_s))
+        return self._retrying(lambda: self._client.infer(model, inputs, outputs=requested))
+
+    def _retrying(self, call):
+        """`call()` (which uses self._client), retried on a fresh connection while the server is unavailable."""
         deadline = time.monotonic() + self.retry_for_s
         for attempt in itertools.count():
             try:
-                if self.protocol == "grpc":
-                    return self._client.infer(model, inputs, outputs=requested, client_timeout=self.timeout_s)
-                return self._client.infer(model, inputs, outputs=requested)
+                return call()
             except Exception as exc:
                 error = self._describe(exc)
             if not isinstance(error, ServerUnavailable) or time.monotonic() >= deadline:
@@ -173,15 +191,28 @@ def _tritonclient(protocol: str):
     return api
 
 
-def _ids(values) -> np.ndarray:
-    array = np.asarray(values)
+def _ids(values, datatype: str = "INT64") -> np.ndarray:
+    """Raw ids as the server takes them: int64, or UTF-8 bytes for a log with string ids."""
+    array = np.asarray(values).reshape(-1)
+    if datatype == "BYTES":
+        return np.array([v if isinstance(v, bytes) else str(v).encode() for v in array], dtype=np.object_)
+    if array.dtype.kind in "US":  # "42" from a command line
+        try:
+            array = array.astype(np.int64)
+        except ValueError:
+            raise ServingError(f"this server's ids are integers, got {', '.join(map(str, array[:3]))}") from None
     if array.dtype.kind not in "iu":
         raise ServingError(f"ids must be integers, got {array.dtype}")
-    return array.astype(np.int64).reshape(-1)
+    return array.astype(np.int64)
+
+
+def _raw(ids: np.ndarray) -> np.ndarray:
+    """Raw ids from a response in their own type: BYTES come back as str."""
+    return np.array([i.decode() for i in ids.reshape(-1)], dtype=np.object_) if ids.dtype == np.object_ else ids
 
 
 def _triton_dtype(array: np.ndarray) -> str:
-    return {np.dtype(np.int64): "INT64", np.dtype(np.int32): "INT32"}[array.dtype]
+    return {np.dtype(np.int64): "INT64", np.dtype(np.int32): "INT32", np.dtype(np.object_): "BYTES"}[array.dtype]
 
 
 def _first_line(exc: Exception) -> str:
@@ -193,11 +224,9 @@ def _first_line(exc: Exception) -> str:
 # --- command line --------------------------------------------------------------------------------
 
 
-def parse_item_list(text: str) -> list[int]:
-    try:
-        items = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ServingError(f"--items must be comma-separated integer ids, got {text!r}") from None
+def parse_item_list(text: str) -> list[str]:
+    """Raw ids as text: the client gives them the server's id type (integers or strings)."""
+    items = [part.strip() for part in text.split(",") if part.strip()]
     if not items:
         raise ServingError("--items is empty")
     return items
@@ -226,7 +255,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = OneLineArgumentParser(
         description="Ask the served recommender for a user's top-K items, or for scores of given items."
     )
-    parser.add_argument("--user", required=True, type=int, help="raw user id (as in the input data)")
+    parser.add_argument("--user", required=True, help="raw user id (as in the input data: an integer or a string)")
     parser.add_argument("--items", type=parse_item_list,
                         help="comma-separated raw item ids to score (default: rank every item)")
     parser.add_argument("--top-k", type=int,

@@ -32,7 +32,8 @@ def _encode_and_score_steps(user: str, item: str, recommend: bool) -> list:
 def write_scores_ensemble(repo: Path, inputs: ExportInputs) -> None:
     user, item = inputs.user, inputs.item
     config = mc.ModelConfig(name=n.SCORES_ENSEMBLE, platform="ensemble")
-    config.input.extend([tensor(mc.ModelInput, user, mc.TYPE_INT64), tensor(mc.ModelInput, item, mc.TYPE_INT64)])
+    config.input.extend([tensor(mc.ModelInput, user, inputs.raw_type(user)),
+                         tensor(mc.ModelInput, item, inputs.raw_type(item))])
     config.output.append(tensor(mc.ModelOutput, n.SCORE, mc.TYPE_FP32))
     steps = _encode_and_score_steps(user, item, recommend=False)
     steps[-1].output_map[n.SCORE] = n.SCORE
@@ -45,12 +46,12 @@ def write_recommend_ensemble(repo: Path, inputs: ExportInputs) -> None:
     user, item = inputs.user, inputs.item
     config = mc.ModelConfig(name=n.RECOMMEND_ENSEMBLE, platform="ensemble")
     config.input.extend([
-        tensor(mc.ModelInput, user, mc.TYPE_INT64),
-        tensor(mc.ModelInput, item, mc.TYPE_INT64, optional=True),
+        tensor(mc.ModelInput, user, inputs.raw_type(user)),
+        tensor(mc.ModelInput, item, inputs.raw_type(item), optional=True),
         tensor(mc.ModelInput, n.TOP_K, mc.TYPE_INT32, dims=(1,), optional=True),
     ])
     config.output.extend([
-        tensor(mc.ModelOutput, n.TOP_ITEM_ID, mc.TYPE_INT64),
+        tensor(mc.ModelOutput, n.TOP_ITEM_ID, inputs.raw_type(item)),
         tensor(mc.ModelOutput, n.TOP_SCORE, mc.TYPE_FP32),
         tensor(mc.ModelOutput, n.TOP_TITLE, mc.TYPE_STRING),
     ])

@@ -90,6 +90,17 @@ class InferenceWorkflow:
         out = self.reference._transform_df(pd.DataFrame(columns))
         return {name: out[name].to_numpy() for name in self.output_columns}
 
+    def string_ids(self, column: str) -> bool:
+        """Whether the workflow takes `column` as strings (a log with string ids) rather than int64."""
+        return self.workflow.input_schema[column].dtype.element_type.value in ("object", "string")
+
+    def raw_ids(self, column: str, values) -> np.ndarray:
+        """Request values in the column's raw type: int64, or str (Triton BYTES arrive as bytes)."""
+        values = np.asarray(values).reshape(-1)
+        if not self.string_ids(column):
+            return values.astype(np.int64)
+        return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in values], dtype=object)
+
     def vocabulary(self, column: str) -> np.ndarray:
         """Raw values Categorify saw for `column` at fit time (from its unique-values file)."""
         for node in postorder_iter_nodes(self.reference.output_node):
@@ -113,10 +124,13 @@ class InferenceWorkflow:
         values = {}
         for column in self.input_columns:
             try:
-                known = self.vocabulary(column).astype(np.int64)
+                known = self.raw_ids(column, self.vocabulary(column))
             except KeyError:
-                known = np.zeros(1, np.int64)
-            fresh = known.max(initial=0) + 1 + np.arange(unseen, dtype=np.int64)
+                known = self.raw_ids(column, np.zeros(1, np.int64))
+            if self.string_ids(column):
+                fresh = np.array([f"{max(known, key=len, default='')}-unseen-{i}" for i in range(unseen)], dtype=object)
+            else:
+                fresh = known.max(initial=0) + 1 + np.arange(unseen, dtype=np.int64)
             values[column] = np.concatenate([known, fresh])
         length = max(len(v) for v in values.values())
         return {c: np.resize(v, length) for c, v in values.items()}
@@ -174,8 +188,8 @@ class RequestEncoder:
         self.unknown_ids = unknown_ids
         self.seen = seen
         workflow.verify_compiled(workflow.self_check_sample())
-        vocabulary = workflow.vocabulary(item_column).astype(np.int64)
-        encoded = self._encode(np.full(len(vocabulary), self._any_user(), np.int64), vocabulary)
+        vocabulary = workflow.raw_ids(item_column, workflow.vocabulary(item_column))
+        encoded = self._encode(np.repeat(self._any_user(), len(vocabulary)), vocabulary)
         known = encoded[item_column] >= first_index
         self.all_items, self.all_items_encoded = vocabulary[known], encoded[item_column][known]
 
@@ -190,8 +204,8 @@ class RequestEncoder:
             parameters.get(UNKNOWN_IDS, "error"), SeenItems.load(seen_file) if seen_file.is_file() else None,
         )
 
-    def _any_user(self) -> int:
-        return int(self.workflow.vocabulary(self.user_column)[0])
+    def _any_user(self) -> np.ndarray:
+        return self.workflow.raw_ids(self.user_column, self.workflow.vocabulary(self.user_column)[:1])
 
     def _encode(self, users: np.ndarray, items: np.ndarray) -> dict[str, np.ndarray]:
         encoded = self.workflow.transform({self.user_column: users, self.item_column: items})
@@ -199,14 +213,14 @@ class RequestEncoder:
 
     def encode(self, users: np.ndarray, items: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(encoded users, encoded items, raw items) with one row per scored pair."""
-        users = np.asarray(users, dtype=np.int64).reshape(-1)
+        users = self.workflow.raw_ids(self.user_column, users)
         if users.size == 0:
             raise RequestError(f"{self.user_column} is empty: send one user id, or one per item id")
         if items is None:
             if users.size != 1:
                 raise RequestError(f"scoring every item needs exactly one {self.user_column}, got {users.size}")
             return self._encode_for_all_items(users)
-        items = np.asarray(items, dtype=np.int64).reshape(-1)
+        items = self.workflow.raw_ids(self.item_column, items)
         if items.size == 0:
             raise RequestError(f"{self.item_column} is empty: send item ids, or leave {self.item_column} out "
                                "of a 'recommend' request to rank every item")

@@ -10,7 +10,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from merlin_ncf.errors import one_line
+from merlin_ncf.errors import UserError, one_line
 from merlin_ncf.feature_spec import FeatureSpec, FeatureSpecError
 from merlin_ncf.models.contract import OUTPUTS
 from merlin_ncf.serving.errors import ServingError
@@ -90,12 +90,22 @@ class ExportInputs:
     def __post_init__(self):
         self.user, self.item = self.spec.user_feature, self.spec.item_feature
 
+    def raw_type(self, column: str) -> int:
+        """Triton's type for a raw id column: strings (BYTES) where the log's ids were strings."""
+        import tritonclient.grpc.model_config_pb2 as mc
+
+        string = self.workflow.input_schema[column].dtype.element_type.value in ("object", "string")
+        return mc.TYPE_STRING if string else mc.TYPE_INT64
+
 
 def locate_inputs(data: Path, run: Path) -> ExportInputs:
+    from merlin_ncf.workflows.transcode import etl_directory
+
     try:
+        data = etl_directory(data)  # a foreign Dataset Feature Specification: its transcoded copy
         spec = FeatureSpec.load(data)
         workflow_dir, items_table = spec.path("workflow"), spec.path("item_table")
-    except FeatureSpecError as exc:
+    except (FeatureSpecError, UserError) as exc:
         raise ServingError(str(exc)) from None
     if not (workflow_dir / "workflow.pkl").is_file():
         raise ServingError(f"{workflow_dir} holds no saved NVTabular workflow (workflow.pkl)")

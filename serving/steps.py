@@ -57,8 +57,8 @@ def write_workflow_step(repo: Path, inputs: ExportInputs, unknown_ids: str, inst
         seen_items(inputs.spec).save(version_dir / n.SEEN_FILE)
     config = mc.ModelConfig(name=n.WORKFLOW_STEP, backend="python", instance_group=_cpu_instances(instances))
     config.input.extend([
-        tensor(mc.ModelInput, inputs.user, mc.TYPE_INT64),
-        tensor(mc.ModelInput, inputs.item, mc.TYPE_INT64, optional=True),
+        tensor(mc.ModelInput, inputs.user, inputs.raw_type(inputs.user)),
+        tensor(mc.ModelInput, inputs.item, inputs.raw_type(inputs.item), optional=True),
         # top_k passes through here because Triton only leaves out an absent optional input
         # for a step fed by the ensemble's inputs alone; this step fills in the default.
         tensor(mc.ModelInput, n.TOP_K, mc.TYPE_INT32, dims=(1,), optional=True),
@@ -66,7 +66,7 @@ def write_workflow_step(repo: Path, inputs: ExportInputs, unknown_ids: str, inst
     config.output.extend([
         tensor(mc.ModelOutput, inputs.user, mc.TYPE_INT64),
         tensor(mc.ModelOutput, inputs.item, mc.TYPE_INT64),
-        tensor(mc.ModelOutput, n.CANDIDATE_ID, mc.TYPE_INT64),
+        tensor(mc.ModelOutput, n.CANDIDATE_ID, inputs.raw_type(inputs.item)),
         tensor(mc.ModelOutput, n.TOP_K, mc.TYPE_INT32, dims=(1,)),
     ])
     set_parameters(config, **{n.USER_COLUMN: inputs.user, n.ITEM_COLUMN: inputs.item,
@@ -118,17 +118,17 @@ def write_top_k_step(repo: Path, inputs: ExportInputs) -> None:
     if "raw_item_id" not in items.columns:
         raise ServingError(f"{inputs.items_table} has no raw_item_id column")
     titles = items["title"] if "title" in items.columns else pd.Series("", index=items.index)
-    pd.DataFrame({"raw_item_id": items["raw_item_id"].astype("int64"), "title": titles.fillna("").astype(str)}).to_parquet(
+    pd.DataFrame({"raw_item_id": items["raw_item_id"], "title": titles.fillna("").astype(str)}).to_parquet(
         version_dir / n.ITEMS_FILE, index=False
     )
     config = mc.ModelConfig(name=n.TOP_K_STEP, backend="python", instance_group=_cpu_instances(1))
     config.input.extend([
-        tensor(mc.ModelInput, n.CANDIDATE_ID, mc.TYPE_INT64),
+        tensor(mc.ModelInput, n.CANDIDATE_ID, inputs.raw_type(inputs.item)),
         tensor(mc.ModelInput, n.SCORE, mc.TYPE_FP32),
         tensor(mc.ModelInput, n.TOP_K, mc.TYPE_INT32, dims=(1,)),
     ])
     config.output.extend([
-        tensor(mc.ModelOutput, n.ITEM_ID, mc.TYPE_INT64),
+        tensor(mc.ModelOutput, n.ITEM_ID, inputs.raw_type(inputs.item)),
         tensor(mc.ModelOutput, n.SCORE, mc.TYPE_FP32),
         tensor(mc.ModelOutput, n.TITLE, mc.TYPE_STRING),
     ])

@@ -84,9 +84,9 @@ def test_generic_parquet_with_datetime_timestamps(tmp_path):
                                   EXPECTED[["user_id", "item_id", "timestamp", "rating"]])
 
 
-def test_generic_parquet_with_string_ids_is_refused(tmp_path):
-    EXPECTED.astype({"user_id": str}).to_parquet(tmp_path / "log.parquet", index=False)
-    with pytest.raises(EtlError, match="ids must be integers"):
+def test_generic_parquet_with_float_ids_is_refused(tmp_path):
+    EXPECTED.astype({"user_id": float}).to_parquet(tmp_path / "log.parquet", index=False)
+    with pytest.raises(EtlError, match="ids must be integers or strings"):
         read_log(tmp_path / "log.parquet", "parquet", CPU)
 
 

@@ -81,7 +81,7 @@ def _client(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("args, message", [
     (["--user", "1", "--top-k", "3000000000", "--url", "127.0.0.1:9"], "--top-k must be between 1 and 2147483647"),
     (["--user", "1", "--top-k", "0", "--url", "127.0.0.1:9"], "--top-k must be between 1"),
-    (["--user", "abc"], "argument --user: invalid int value"),
+    (["--user", "abc", "--items", " , ", "--url", "127.0.0.1:9"], "--items is empty"),  # string ids are valid
     (["--user", "1", "--protocol", "smtp"], "argument --protocol: invalid choice"),
     ([], "the following arguments are required: --user"),
 ])

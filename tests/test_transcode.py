@@ -193,3 +193,25 @@ def test_a_validation_mapping_becomes_validation_lists(tmp_path):
     assert open_etl(out).eval_mapping == "validation"
     pd.testing.assert_frame_equal(pd.read_parquet(out / "validation" / "part_0.parquet"),
                                   pd.read_parquet(out / "test" / "part_0.parquet"))
+
+
+def test_train_ncf_takes_a_foreign_spec_directory_directly(tmp_path, monkeypatch):
+    """--data names DLE NCF's own output: training reads its transcoded copy from the cache."""
+    from merlin_ncf.workflows.datasets import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    spec = write_ncf(tmp_path / "ncf", "parquet")
+    before = sorted(p.name for p in spec.iterdir())
+    run = tmp_path / "run"
+    run_command("models/train_ncf.py", "--data", str(spec), "--output", str(run), "--epochs", "1", "--no-progress",
+                "--batch-size", "2000", "--factors", "8", "--mlp-layers", "16", "8")
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 1 and np.isfinite(log[0]["loss"])
+    assert sorted(p.name for p in spec.iterdir()) == before
+    assert len(list((tmp_path / "cache" / "transcoded").glob("*/feature_spec.yaml"))) == 1
+    bad = tmp_path / "bad"
+    shutil.copytree(spec, bad)
+    next(bad.glob("**/*.parquet")).unlink()
+    result = run_command("models/train_ncf.py", "--data", str(bad), "--output", str(tmp_path / "run2"), "--epochs", "1",
+                         check=False)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr

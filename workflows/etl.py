@@ -25,7 +25,7 @@ from merlin_ncf.workflows.cluster import DEFAULT_DASHBOARD, DEVICES, Backend, da
 from merlin_ncf.errors import EtlError, OneLineArgumentParser, UserError, exit_with  # noqa: E402
 from merlin_ncf.workflows.readers import FORMATS, LAYOUTS, ColumnNames  # noqa: E402
 from merlin_ncf.errors import run_cli  # noqa: E402
-from merlin_ncf.workflows.options import EtlOptions  # noqa: E402
+from merlin_ncf.workflows.options import EtlOptions, parse_cutoff  # noqa: E402
 
 
 KIND = "etl"
@@ -39,6 +39,8 @@ def run(opts: EtlOptions) -> dict:
         raise EtlError("--negatives must be at least 1")
     if opts.workers < 0:
         raise EtlError("--workers must be 0 (in-process) or more")
+    if opts.cutoff is not None:
+        parse_cutoff(opts.cutoff)  # a bad date fails before any work
     source, dataset_name = _source(opts)
     atomic.check_replaceable(opts.output, KIND, inputs=[source], overwrite=opts.overwrite,
                              legacy_markers=LEGACY_MARKERS)
@@ -86,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--item-col", default="item_id", help="item column of a generic CSV/parquet log")
     src.add_argument("--time-col", default="timestamp", help="timestamp column of a generic log (numbers or datetimes)")
     src.add_argument("--rating-col", default="rating", help="optional rating column of a generic log")
+    src.add_argument("--item-table", type=Path, metavar="PATH",
+                     help="CSV or parquet item table of a generic log: the --item-col column plus optional title, "
+                          "genres (copied into items.parquet)")
     wf = parser.add_argument_group("workflow")
     wf.add_argument("--min-rating", type=float, help="implicit feedback: keep only interactions rated at least this")
     wf.add_argument("--min-user-interactions", type=_at_least(0), default=1,
@@ -98,6 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "out as a validation candidate list, for early stopping)")
     wf.add_argument("--validation", action="store_true",
                     help="accepted for compatibility: validation lists are written by default")
+    wf.add_argument("--split", default="leave-one-out", choices=("leave-one-out", "time"),
+                    help="leave-one-out: each user's latest interaction is the test positive; time: train is "
+                         "everything before --cutoff, test each user's first interaction after it")
+    wf.add_argument("--cutoff", metavar="TIME",
+                    help="with --split time: a timestamp in the log's unit, or a date such as 2015-01-01 (UTC, "
+                         "for logs in seconds)")
+    wf.add_argument("--cutoff-quantile", type=float, metavar="Q",
+                    help="with --split time: the cutoff is this quantile of the kept interactions' timestamps")
     wf.add_argument("--negatives", type=_at_least(1), default=100,
                     help="sampled negatives per test/validation user (K)")
     wf.add_argument("--seed", type=int, default=0, help="seed of the negative sampler; same seed, same bytes")
@@ -130,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
 def options_from_args(args: argparse.Namespace) -> EtlOptions:
     return EtlOptions(
         output=args.output, input=args.input, download=args.download, format=args.format,
-        columns=ColumnNames(args.user_col, args.item_col, args.time_col, args.rating_col),
+        columns=ColumnNames(args.user_col, args.item_col, args.time_col, args.rating_col), item_table=args.item_table,
+        split=args.split, cutoff=args.cutoff, cutoff_quantile=args.cutoff_quantile,
         min_rating=args.min_rating, min_user_interactions=args.min_user_interactions,
         freq_threshold=args.freq_threshold, validation=not args.no_validation, negatives=args.negatives,
         seed=args.seed, device=args.device, workers=args.workers, scheduler_address=args.scheduler_address,
@@ -179,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give either --input or --download, not both")
     if args.validation and args.no_validation:
         parser.error("give either --validation or --no-validation, not both")
+    if args.split == "time" and (args.cutoff is None) == (args.cutoff_quantile is None):
+        parser.error("--split time needs exactly one of --cutoff and --cutoff-quantile")
+    if args.split != "time" and (args.cutoff is not None or args.cutoff_quantile is not None):
+        parser.error("--cutoff and --cutoff-quantile go with --split time")
     try:
         stats = run(options_from_args(args))
     except UserError as exc:
@@ -191,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.output}: {stats['users']:,} users, {stats['items']:,} items, "
               f"{stats['interactions']:,} interactions, {stats['test_users']:,} test users "
               f"in {stats['seconds']['total']:.1f} s")
+        if stats.get("split") == "time":
+            print(f"time split at {stats['cutoff']} ({stats['cutoff_given']}): {stats['cold_start_users']:,} "
+                  f"cold-start users (first seen after the cutoff) get no test list")
     return 0
 
 

@@ -24,6 +24,7 @@ PAIR = [USER, ITEM]
 COUNT = f"{USER}_count"
 LATEST = f"{USER}_{ORDER_KEY}_max"
 PAIR_FIRST = f"{USER}_{ITEM}_{ORDER_KEY}_min"
+USER_FIRST = f"{USER}_{ORDER_KEY}_min"
 FLAGGED = INTERACTION + [COUNT, LATEST]
 # Categorify's reserved indices: 0 padding, 1 null, 2 out-of-vocabulary; real ids from 3.
 FIRST_INDEX = 3
@@ -47,6 +48,12 @@ def first_of_pair(work_dir: Path) -> nvt.Workflow:
     # "count" too: with "min" alone NVTabular 23.08's groupby loses its key columns (KeyError).
     first = [PAIR] >> ops.JoinGroupby(cont_cols=[ORDER_KEY], stats=["count", "min"], out_path=str(work_dir))
     return nvt.Workflow((INTERACTION + first) >> ops.Filter(lambda df: df[ORDER_KEY] == df[PAIR_FIRST]))
+
+
+def first_of_user(work_dir: Path) -> nvt.Workflow:
+    """Keep each user's first interaction in (timestamp, position) order (order keys are unique)."""
+    first = [USER] >> ops.JoinGroupby(cont_cols=[ORDER_KEY], stats=["count", "min"], out_path=str(work_dir))
+    return nvt.Workflow((INTERACTION + first) >> ops.Filter(lambda df: df[ORDER_KEY] == df[USER_FIRST]))
 
 
 def encoding(freq_threshold: int, work_dir: Path) -> tuple[nvt.Workflow, nvt.Workflow]:

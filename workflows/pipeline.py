@@ -20,11 +20,11 @@ quiet_merlin()
 
 import pandas as pd  # noqa: E402
 
-from merlin_ncf.workflows import graph, negatives, split  # noqa: E402
+from merlin_ncf.workflows import graph, negatives, split, time_split  # noqa: E402
 from merlin_ncf.errors import EtlError, one_line  # noqa: E402
 from merlin_ncf.feature_spec import FeatureSpec, LABEL_CHANNEL, ITEM_CHANNEL, USER_CHANNEL  # noqa: E402
 from merlin_ncf.workflows.options import EtlOptions  # noqa: E402
-from merlin_ncf.workflows.readers import ITEM, RATING, TIME, USER, read_log  # noqa: E402
+from merlin_ncf.workflows.readers import ITEM, RATING, TIME, USER, read_item_table, read_log  # noqa: E402
 
 
 LABEL = "label"
@@ -77,6 +77,7 @@ def execute(opts: EtlOptions, source: Path, dataset_name: str, backend: Backend,
         if counts["raw_interactions"] == 0:
             raise EtlError(f"{source} holds no interactions")
         has_rating = RATING in log.interactions.columns
+        titles = read_item_table(opts.item_table, opts.columns.item) if opts.item_table else log.items
         first_time = _check_order_key_fits(work / "raw", counts["raw_interactions"], backend)
         notes.append(f"{counts['raw_interactions']:,} interactions ({log.fmt}) from {source}")
 
@@ -105,13 +106,28 @@ def execute(opts: EtlOptions, source: Path, dataset_name: str, backend: Backend,
 
     with clock.phase("split") as notes:
         held_out = ["test", "validation"] if opts.validation else ["test"]
-        positives, remaining = {}, work / "encoded"
-        for name in held_out:
-            positives[name], remaining = split.split_latest(remaining, work, name, backend)
+        if opts.split == "time":
+            cutoff = time_split.resolve(opts.cutoff, opts.cutoff_quantile, work / "encoded", backend, first_time,
+                                        counts["raw_interactions"])
+            positives, remaining, split_counts = time_split.split_at(
+                work / "encoded", work, cutoff, first_time, counts["raw_interactions"], backend, opts.validation)
+            counts.update(split_counts)
+            held_out = list(positives)
+        else:
+            positives, remaining = {}, work / "encoded"
+            for name in held_out:
+                positives[name], remaining = split.split_latest(remaining, work, name, backend)
         counts["test_users"] = split.count_rows(positives["test"])
         if counts["test_users"] == 0:
-            raise EtlError("no user has two or more interactions: nothing to hold out for test")
-        notes.append(f"held out the latest interaction of {counts['test_users']:,} users for {' and '.join(held_out)}")
+            raise EtlError("no user with interactions before the cutoff has one after it: nothing to test"
+                           if opts.split == "time" else
+                           "no user has two or more interactions: nothing to hold out for test")
+        if opts.split == "time":
+            notes.append(f"cutoff {counts['cutoff']}: {counts['test_users']:,} test users, "
+                         f"{counts['cold_start_users']:,} cold-start users (first seen after it, no list)")
+        else:
+            notes.append(f"held out the latest interaction of {counts['test_users']:,} users for "
+                         f"{' and '.join(held_out)}")
 
     with clock.phase("negatives") as notes:
         xp = backend.xp
@@ -131,7 +147,7 @@ def execute(opts: EtlOptions, source: Path, dataset_name: str, backend: Backend,
         n_files = opts.train_files or max(2, math.ceil(counts["train_interactions"] / 2_000_000))
         train = split.read_balanced(remaining, backend, graph.PAIR, n_files)
         _write_merlin(train, out / "train", schema, n_files, backend)
-        items = _item_table(saved_workflow, log.items)
+        items = _item_table(saved_workflow, titles)
         items.to_parquet(out / "items.parquet", index=False)
         shutil.rmtree(work)
         spec = _feature_spec(out, n_users, n_items, opts, dataset_name, held_out)
@@ -232,12 +248,22 @@ def _item_table(workflow, titles: pd.DataFrame | None) -> pd.DataFrame:
     categorify = next(node.op for node in Graph.get_nodes_by_op_type([workflow.output_node], Categorify)
                       if ITEM in node.op.categories)
     uniques = pd.read_parquet(categorify.categories[ITEM])
-    items = pd.DataFrame({ITEM: uniques.index.astype("int64"), "raw_item_id": uniques[ITEM].astype("int64")})
+    items = pd.DataFrame({ITEM: uniques.index.astype("int64"), "raw_item_id": uniques[ITEM]})
     items = items[items[ITEM] >= graph.FIRST_INDEX].reset_index(drop=True)
+    items["raw_item_id"] = items["raw_item_id"].astype(raw_id_dtype(items["raw_item_id"]))
     if titles is not None:
+        try:
+            titles = titles.astype({"raw_item_id": items["raw_item_id"].dtype})
+        except ValueError:
+            raise EtlError("the item table's ids are not integers, unlike the log's") from None
         items = items.merge(titles, on="raw_item_id", how="left")
         items[["title", "genres"]] = items[["title", "genres"]].fillna("")
     return items
+
+
+def raw_id_dtype(ids) -> str:
+    """The raw ids' type as this project writes it (docs/pipeline.md): int64 or string."""
+    return "int64" if pd.api.types.is_integer_dtype(ids) else "str"
 
 
 def _relative_files(out: Path, name: str) -> list[str]:
@@ -271,5 +297,6 @@ def _stats(counts: dict, n_users: int, n_items: int, opts: EtlOptions, backend: 
         "density": counts["interactions"] / max(1, users * items),
         **{k: v for k, v in counts.items() if k != "interactions"},
         "options": {k: v for k, v in asdict(opts).items() if k in ("min_rating", "min_user_interactions",
-                                                                    "freq_threshold", "negatives", "seed")},
+                                                                    "freq_threshold", "negatives", "seed", "split",
+                                                                    "cutoff", "cutoff_quantile")},
     }

@@ -1,8 +1,9 @@
 """Readers for the MovieLens releases' own files and for any CSV/parquet interaction log.
 
-Every reader returns a Dask DataFrame (pandas or cuDF partitions) with integer columns
-user_id, item_id, timestamp and, where the log has one, a float rating; plus the item
-table (raw_item_id, title, genres) where the release ships one.
+Every reader returns a Dask DataFrame (pandas or cuDF partitions) with columns user_id,
+item_id (int64, or strings in a generic log whose ids are not all integers), an int64
+timestamp and, where the log has one, a float rating; plus the item table (raw_item_id,
+title, genres) where the release ships one.
 """
 
 from __future__ import annotations
@@ -12,11 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+from pandas._libs.parsers import STR_NA_VALUES  # pandas' default NA words, kept off id columns ("NA" is an id)
 
 from merlin_ncf.workflows.cluster import Backend
 from merlin_ncf.errors import EtlError, one_line
 
 USER, ITEM, TIME, RATING = "user_id", "item_id", "timestamp", "rating"
+# A CSV id column is read as int64 when every value is written as a canonical int64 (no sign
+# but '-', no leading zero, at most 18 digits); otherwise as strings, so "007" and "7" stay apart.
+CANONICAL_INT = r"-?(?:0|[1-9][0-9]{0,17})"
 
 
 @dataclass(frozen=True)
@@ -185,6 +190,26 @@ def read_movies(path: Path, fmt: str) -> pd.DataFrame:
     return items.drop_duplicates("raw_item_id").reset_index(drop=True)
 
 
+def read_item_table(path: Path, item_column: str) -> pd.DataFrame:
+    """A generic log's item table (--item-table: CSV or parquet) as raw_item_id, title, genres;
+    ids as text until the ETL gives them the log's id type."""
+    if not path.is_file():
+        raise EtlError(f"item table {path} does not exist")
+    try:
+        if path.suffix == ".parquet":
+            table = pd.read_parquet(path)
+        else:
+            table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except Exception as exc:  # noqa: BLE001 - pandas/pyarrow raise several types for unreadable files
+        raise EtlError(f"cannot read item table {path}: {one_line(exc)}") from None
+    if item_column not in table.columns:
+        raise EtlError(f"item table {path} lacks column {item_column!r} (has: {', '.join(map(str, table.columns))})")
+    items = pd.DataFrame({"raw_item_id": table[item_column].astype(str)})
+    for column in ("title", "genres"):
+        items[column] = table[column].fillna("").astype(str) if column in table.columns else ""
+    return items.drop_duplicates("raw_item_id").reset_index(drop=True)
+
+
 # --- generic logs --------------------------------------------------------------------
 
 def _csv_header(path: Path) -> list[str]:
@@ -211,15 +236,31 @@ def _read_generic_csv(path: Path, backend: Backend, columns: ColumnNames, partit
         path = found[0]
     header = _csv_header(path)
     wanted = _wanted(columns, header, path)
-    # Timestamps may be written as floats; ids must parse as integers. Every column is read
-    # (other columns as text): with usecols pandas silently drops a malformed line's extra fields.
-    dtypes = {USER: "int64", ITEM: "int64", TIME: "float64", RATING: "float64"}
+    # Timestamps may be written as floats; ids are text until _id_columns types them. Every column
+    # is read (other columns as text): with usecols pandas silently drops a malformed line's extra fields.
+    dtypes = {USER: "object", ITEM: "object", TIME: "float64", RATING: "float64"}
     ddf = backend.dd.read_csv(str(path), sep=",", header=0,
                               dtype={src: dtypes[wanted[src]] if src in wanted else "object" for src in header},
-                              blocksize=partition_size)
-    ddf = ddf.rename(columns=wanted)
+                              blocksize=partition_size, keep_default_na=False,
+                              na_values={src: STR_NA_VALUES for src in header if wanted.get(src) not in (USER, ITEM)})
+    ddf = _id_columns(ddf.rename(columns=wanted), path)
     ddf[TIME] = ddf[TIME].astype("int64")
     return RawLog(ddf[list(dict.fromkeys([USER, ITEM, TIME, *wanted.values()]))], None, "csv", path)
+
+
+def _id_columns(ddf, path: Path):
+    """Each id column as int64 if every value is a canonical integer, else as strings (one pass)."""
+    import dask
+
+    checks = {}
+    for col in (USER, ITEM):
+        text = ddf[col].astype(str)
+        checks[col] = ((text == "").any(), text.str.fullmatch(CANONICAL_INT).all())
+    for col, (empty, integral) in dask.compute(checks)[0].items():
+        if empty:
+            raise EtlError(f"{path}: column for {col} has empty values; every row needs an id")
+        ddf[col] = ddf[col].astype("int64" if integral else str)
+    return ddf
 
 
 def _read_generic_parquet(path: Path, backend: Backend, columns: ColumnNames, partition_size) -> RawLog:
@@ -235,8 +276,8 @@ def _read_generic_parquet(path: Path, backend: Backend, columns: ColumnNames, pa
     ddf = backend.dd.read_parquet([str(f) for f in files], columns=list(wanted), split_row_groups="infer",
                                   blocksize=partition_size)
     ddf = ddf.rename(columns=wanted)
-    for col in (USER, ITEM):  # integer in every file (checked above)
-        ddf[col] = ddf[col].astype("int64")
+    for col in (USER, ITEM):  # integers (of any width) or strings in every file (checked above)
+        ddf[col] = ddf[col].astype("int64" if _integer_ids(schemas, wanted, col) else str)
     if pd.api.types.is_datetime64_any_dtype(ddf[TIME].dtype):
         ddf[TIME] = ddf[TIME].astype("datetime64[ns]").astype("int64") // 1_000_000_000
     else:
@@ -263,8 +304,21 @@ def _check_parquet_types(path: Path, schema, wanted: dict[str, str]) -> None:
         raise EtlError(f"{path} lacks column(s) {', '.join(missing)} (has: {', '.join(schema.names)})")
     for src, dst in wanted.items():
         kind = schema.field(src).type
-        if dst in (USER, ITEM) and not pa.types.is_integer(kind):
-            raise EtlError(f"column {src!r} of {path} holds {kind} values; ids must be integers")
+        if dst in (USER, ITEM) and not (pa.types.is_integer(kind) or pa.types.is_string(kind)
+                                        or pa.types.is_large_string(kind)):
+            raise EtlError(f"column {src!r} of {path} holds {kind} values; ids must be integers or strings")
         if dst == TIME and not (pa.types.is_integer(kind) or pa.types.is_floating(kind)
                                 or pa.types.is_timestamp(kind)):
             raise EtlError(f"column {src!r} of {path} holds {kind} values; timestamps must be numbers or datetimes")
+
+
+def _integer_ids(schemas: dict, wanted: dict[str, str], column: str) -> bool:
+    """Whether `column` holds integers in every file; refuses integers in some and strings in others."""
+    import pyarrow as pa
+
+    source = next(src for src, dst in wanted.items() if dst == column)
+    kinds = {f: pa.types.is_integer(schema.field(source).type) for f, schema in schemas.items()}
+    if len(set(kinds.values())) > 1:
+        ints, texts = (next(f for f, k in kinds.items() if k is flag) for flag in (True, False))
+        raise EtlError(f"column {source!r} holds integers in {ints} but strings in {texts}; write one type")
+    return next(iter(kinds.values()))

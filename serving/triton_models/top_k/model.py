@@ -18,6 +18,8 @@ class TritonPythonModel:
 
     def _respond(self, request):
         candidates = input_array(request, CANDIDATE_ID).reshape(-1)
+        if candidates.dtype == np.object_:  # string ids arrive as bytes
+            candidates = np.array([c.decode() for c in candidates], dtype=np.object_)
         scores = input_array(request, SCORE).reshape(-1)
         k = input_array(request, TOP_K).reshape(-1)  # checked by the workflow step
         # Each candidate once (its first occurrence), best score first, ties in request order.
