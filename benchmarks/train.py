@@ -78,7 +78,7 @@ def worker(args) -> None:
     import torch
 
     from merlin_ncf.models.data import load_candidates, open_etl
-    from merlin_ncf.models.distributed import from_environment
+    from merlin_ncf.models.process_group import from_environment
     from merlin_ncf.models.neumf import NeuMF
     from merlin_ncf.models.trainer import Trainer, TrainOptions
 

@@ -11,6 +11,11 @@ import math
 
 NEGATIVE_SAMPLING = ("uniform", "exclude-seen")
 
+# Model options that resolve() sizes below (measured for NeuMF and its branches); the CLI
+# leaves them unset (auto) for these models. Other models keep their class defaults.
+SIZED_MODEL_OPTIONS = {"neumf": ("factors", "mlp_layers", "dropout"), "gmf": ("factors",),
+                       "mlp": ("mlp_layers", "dropout")}
+
 # NVIDIA's NCF takes 2^20 samples per step on ml-20m (~100M samples per epoch): ~100 steps.
 STEPS_PER_EPOCH = 100
 MIN_BATCH, MAX_BATCH = 2**10, 2**20
@@ -46,7 +51,7 @@ def resolve(args: argparse.Namespace, train_rows: int) -> dict:
     }
     picked = {}
     for name, value in chosen.items():
-        if getattr(args, name) is None:
+        if hasattr(args, name) and getattr(args, name) is None:  # absent: not this model's option
             setattr(args, name, value)
             picked[name] = value
     return picked
