@@ -64,7 +64,7 @@ def unit_interval(text: str) -> float:
 
 def chosen_model(argv: list[str] | None) -> str:
     """--model, read before the full parser exists: the model's own options join it."""
-    pre = Parser(prog=PROG, add_help=False)
+    pre = Parser(prog=PROG, add_help=False, allow_abbrev=False)  # else --mode would read as --model
     pre.add_argument("--model", choices=tuple(MODELS), default=DEFAULT_MODEL)
     return pre.parse_known_args(argv)[0].model
 
