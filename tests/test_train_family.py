@@ -10,11 +10,10 @@ import signal
 
 import pytest
 import torch
-from torch.nn import functional as F
 
 from merlin_ncf.models import registry
-from merlin_ncf.models.contract import Recommender, positive_int
 from merlin_ncf.serving.server_runtime import free_port
+from test_model_contract import Toy  # biased MF: what a maintainer adding a model writes
 from test_train_cli import REPO, TORCHRUN, TRAIN, popularity_hit_rate, read_log, run, write_planted_etl
 
 COMMON = ["--no-progress", "--seed", "3", "--threads", "1"]
@@ -196,45 +195,17 @@ def test_two_process_ddp_resumes_exactly_after_a_kill(tiny, tmp_path, name):
         torch.testing.assert_close(got["model"]["state"][key], tensor, rtol=0, atol=1e-6)
 
 
-class Toy(Recommender):
-    """Biased matrix factorisation with BPR: what a maintainer adding a model writes."""
-
-    input_type = "pairwise"
-
-    def __init__(self, nb_users: int, nb_items: int, factors: int = 8):
-        super().__init__()
-        self.config = dict(nb_users=nb_users, nb_items=nb_items, factors=factors)
-        self.users = torch.nn.Embedding(nb_users, factors)
-        self.items = torch.nn.Embedding(nb_items, factors)
-        self.bias = torch.nn.Embedding(nb_items, 1)
-
-    def score(self, user, items):
-        return torch.einsum("bf,bcf->bc", self.users(user), self.items(items)) + self.bias(items).squeeze(-1)
-
-    def loss(self, batch, *, step):
-        scores = self.score(batch.user, torch.stack([batch.positive, batch.negative], dim=1))
-        return F.softplus(scores[:, 1] - scores[:, 0]).mean()
-
-    @classmethod
-    def add_arguments(cls, group):
-        group.add_argument("--toy-factors", type=positive_int, default=8, help="toy factors")
-
-    @classmethod
-    def from_args(cls, args, data):
-        return cls(data.num_users, data.num_items, factors=args.toy_factors)
-
-
 def test_a_toy_model_with_one_registry_line_trains_through_the_cli(tiny, tmp_path, monkeypatch, capsys):
     from merlin_ncf.models.train_ncf import main
 
     monkeypatch.setitem(registry.MODELS, "toy", Toy)  # the one registry line
     out = tmp_path / "run"
-    code = main(["--data", str(tiny), "--output", str(out), "--model", "toy", "--toy-factors", "16",
-                 "--epochs", "3", "--batch-size", "200", "--lr", "0.05", *COMMON])
+    code = main(["--data", str(tiny), "--output", str(out), "--model", "toy", "--factors", "16",
+                 "--epochs", "5", "--batch-size", "64", "--lr", "0.05", *COMMON])
     assert code == 0, capsys.readouterr().err
     config = json.loads((out / "config.json").read_text())
     assert config["model"] == {"name": "toy", "config": {"nb_users": 203, "nb_items": 103, "factors": 16}}
-    assert config["output"] == "score"
+    assert config["output"] == "logit"
     assert config["metrics"]["hr@10"] >= popularity_hit_rate(tiny) + 0.25
     assert {"full_recall@10", "full_ndcg@10"} <= set(config["metrics"])
     assert torch.jit.load(str(out / "model.ts"))(torch.tensor([3]), torch.tensor([5])).shape == (1,)
