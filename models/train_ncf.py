@@ -167,7 +167,8 @@ def check_combinations(args: argparse.Namespace, p: Parser, cls) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     per_row = samples_per_row(cls.input_type, args.negatives)
     if args.batch_size is not None and args.batch_size // (world * args.grad_accumulation * per_row) < 1:
-        p.error(f"--batch-size {args.batch_size} leaves no row per micro-batch "
+        row = "user" if cls.input_type == "user_rows" else "positive"
+        p.error(f"--batch-size {args.batch_size} leaves no {row} per micro-batch "
                 f"({world} processes x {args.grad_accumulation} accumulation x {per_row} samples)")
 
 
@@ -197,7 +198,7 @@ def choose_defaults(args, data, world: int = 1, verbose: bool = False) -> None:
     if args.eval_batch_size is None:
         args.eval_batch_size = 2**20
     if args.batch_size // (world * args.grad_accumulation * samples_per_row(cls.input_type, args.negatives)) < 1:
-        raise TrainingError(f"--batch-size {args.batch_size} leaves no row per micro-batch")
+        raise TrainingError(f"--batch-size {args.batch_size} leaves no positive or user per micro-batch")
     if picked and verbose:
         shown = "  ".join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
                           for k, v in picked.items())

@@ -6,7 +6,6 @@ and full-ranking metrics; a pairwise and a user-row model resume exactly after a
 from __future__ import annotations
 
 import json
-import signal
 
 import pytest
 import torch
