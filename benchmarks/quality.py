@@ -3,16 +3,17 @@
     python benchmarks/quality.py --data ETL_DIR
     python benchmarks/quality.py --data ETL_DIR --output DIR        # + quality.md, .json, .png
 
-Rows: popularity, EASE, ItemKNN (models/baselines.py), NeuMF, GMF and MLP as
-`models/train_ncf.py --data ETL_DIR --output RUN [--variant gmf|mlp]` with its default flags
-(subprocesses; their best.pt is scored here), and RecBole 1.2.1's NeuMF when
+Rows: popularity, EASE, ItemKNN (models/baselines.py), then every trained model of the family
+(NeuMF, GMF, MLP, Mult-VAE, ConvNCF) as `models/train_ncf.py --data ETL_DIR --output RUN
+--model NAME` with its default flags (subprocesses; their best.pt is scored here), and RecBole 1.2.1's NeuMF when
 .venv-recbole/bin/python exists (benchmarks/recbole_baseline.py, trained on our train
 positives and scored here on our lists). Every row is scored with the same functions on the
 same arrays: sampled HR@K / NDCG@K over each user's test list (1 positive + the ETL's
 negatives) and full-ranking Recall@K / NDCG@K over all items minus the user's train items
 (models/ranking.py). EASE's l2 is chosen on the validation lists (full NDCG@K) when the ETL
 wrote them. Fit seconds are each command's wall time (RecBole: data set + training, not its
-scoring on our lists); train samples/s counts positives + negatives.
+scoring on our lists); train samples/s counts positives + negatives (pointwise models),
+(user, positive, negative) triples (ConvNCF) or users (Mult-VAE), as the trainer logs them.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from merlin_ncf.errors import EXIT_USER_ERROR, OneLineArgumentParser, UserError,
 
 REPO = Path(__file__).resolve().parents[1]
 PROG = "quality.py"
-ALL_MODELS = ("popularity", "ease", "itemknn", "neumf", "gmf", "mlp", "recbole")
+TRAINED = {"neumf": "NeuMF", "gmf": "GMF", "mlp": "MLP", "multvae": "Mult-VAE", "convncf": "ConvNCF"}
+ALL_MODELS = ("popularity", "ease", "itemknn", *TRAINED, "recbole")
 EASE_GRID = (50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0)
 
 
@@ -39,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = OneLineArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, type=Path, help="ETL output directory (feature_spec.yaml)")
     p.add_argument("--models", nargs="*", choices=ALL_MODELS, default=list(ALL_MODELS),
-                   help="rows (baselines first, then NeuMF/GMF/MLP, then RecBole)")
+                   help="rows (baselines first, then the trained models, then RecBole)")
     p.add_argument("--include", type=Path, nargs="+", default=[],
                    help="add the rows of earlier quality.json files on the same data (e.g. a slow RecBole row "
                         "run separately), after this run's")
@@ -50,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--knn-neighbours", type=int, default=100, help="ItemKNN neighbours per item (default 100)")
     p.add_argument("--knn-shrink", type=float, default=10.0, help="ItemKNN similarity shrinkage (default 10)")
     p.add_argument("--train-args", default="",
-                   help="extra train_ncf.py flags for every NeuMF/GMF/MLP row, e.g. '--epochs 1' (default: none)")
+                   help="extra train_ncf.py flags for every trained model's row, e.g. '--epochs 1' (default: none)")
     p.add_argument("--recbole-python", type=Path, default=REPO / ".venv-recbole" / "bin" / "python",
                    help="RecBole's interpreter (the row is skipped when it is absent)")
     p.add_argument("--recbole-args", default="", help="extra recbole_baseline.py flags, e.g. '--epochs 1'")
@@ -117,24 +119,23 @@ def baseline_rows(bench: Bench, args) -> list[dict]:
     return rows
 
 
-def neumf_row(bench: Bench, args, variant: str, workdir: Path) -> dict:
-    """train_ncf.py with its defaults (plus --train-args) in a subprocess; its best.pt scored here."""
+def model_row(bench: Bench, args, name: str, workdir: Path) -> dict:
+    """train_ncf.py --model NAME with its defaults (plus --train-args) in a subprocess; its
+    best.pt scored here with the model's own score() and score_all()."""
     import torch
 
     from merlin_ncf.models import checkpoint as ckpt
-
     from merlin_ncf.models.registry import model_from
-    from merlin_ncf.models.ranking import score_all_items
 
-    run = workdir / f"run-{variant}"
+    run = workdir / f"run-{name}"
     command = [sys.executable, str(REPO / "models" / "train_ncf.py"), "--data", str(args.data), "--output", str(run),
-               "--no-progress", *([] if variant == "neumf" else ["--variant", variant]), *shlex.split(args.train_args)]
+               "--no-progress", "--model", name, *shlex.split(args.train_args)]
     print(f"[{PROG}] {' '.join(command)}", file=sys.stderr, flush=True)
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if result.returncode != 0:
-        raise UserError(f"train_ncf.py --variant {variant} exited {result.returncode}: "
+        raise UserError(f"train_ncf.py --model {name} exited {result.returncode}: "
                         f"{(result.stderr.strip().splitlines() or ['no message'])[-1]}")
     model = model_from(ckpt.load(run / "checkpoints" / "best.pt"))
     model.eval()
@@ -144,10 +145,13 @@ def neumf_row(bench: Bench, args, variant: str, workdir: Path) -> dict:
 
     def score(users, items):
         with torch.no_grad():
-            return model(users, items)
+            return model.score(users, items).float()
 
-    row = {"model": {"neumf": "NeuMF", "gmf": "GMF", "mlp": "MLP"}[variant],
-           **bench.evaluate(score, score_all_items(model, bench.spec.num_items)),
+    def score_all(users):
+        with torch.no_grad():
+            return model.score_all(users).float()
+
+    row = {"model": TRAINED[name], **bench.evaluate(score, score_all),
            "fit_s": seconds, "train_samples_per_s": sum(r["train_samples_per_s"] for r in steady) / len(steady),
            "note": f"best epoch {config['metrics']['best_epoch']} of {config['metrics']['epochs']}, "
                    f"batch {config['options']['batch_size']}, lr {config['options']['lr']:g}"}
@@ -280,8 +284,8 @@ def run(args) -> int:
     with tempfile.TemporaryDirectory(prefix="quality-") as tmp:  # mkdtemp: private, unpredictable
         workdir = args.workdir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        for variant in [m for m in args.models if m in ("neumf", "gmf", "mlp")]:
-            rows.append(neumf_row(bench, args, variant, workdir))
+        for name in [m for m in args.models if m in TRAINED]:
+            rows.append(model_row(bench, args, name, workdir))
             print(f"[{PROG}] row {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
         if "recbole" in args.models:
             row = recbole_row(args, workdir)

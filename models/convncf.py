@@ -35,7 +35,9 @@ from merlin_ncf.models.contract import DataFacts, PairwiseBatch, Recommender, po
 class ConvNCF(Recommender):
     input_type = "pairwise"
     # RecBole's: Adam lr 1e-3 (default betas), 2,048 triples (4,096 scored pairs) per batch.
-    train_defaults = dict(batch_size=4096, lr=1e-3, beta1=0.9, beta2=0.999)
+    train_defaults = dict(batch_size=4096, lr=1e-3, beta1=0.9, beta2=0.999, eval_batch_size=2**11)
+    # Each scored pair holds a 32 x 32 x channels first-layer map: 2^11 pairs ~ 256 MB.
+    score_all_chunk = 2**11
 
     def __init__(self, nb_users: int, nb_items: int, embedding_size: int = 64,
                  cnn_channels: tuple[int, ...] | list[int] = (32,) * 6,

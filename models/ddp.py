@@ -1,4 +1,7 @@
-"""Process group setup under torchrun (NCCL on GPU, Gloo on CPU) and metric all-reduces.
+"""(Named ddp, not distributed: run as a script, models/ is sys.path[0] and a
+distributed.py there hides the `distributed` package dask imports.)
+
+Process group setup under torchrun (NCCL on GPU, Gloo on CPU) and metric all-reduces.
 
 Without torchrun's environment everything degrades to a single process.
 """

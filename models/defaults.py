@@ -11,6 +11,11 @@ import math
 
 NEGATIVE_SAMPLING = ("uniform", "exclude-seen")
 
+# Model options that resolve() sizes below (measured for NeuMF and its branches); the CLI
+# leaves them unset (auto) for these models. Other models keep their class defaults.
+SIZED_MODEL_OPTIONS = {"neumf": ("factors", "mlp_layers", "dropout"), "gmf": ("factors",),
+                       "mlp": ("mlp_layers", "dropout")}
+
 # ~50 steps per epoch: on ml-latest-small (498k samples) batch 8192 beat 4096 (~120 steps) on
 # validation NDCG@10 over two seeds (docs/training-defaults.md). On ml-20m (~100M samples) the
 # cap, NVIDIA's 2^20 batch (~95 steps), binds either way.
@@ -50,7 +55,7 @@ def resolve(args: argparse.Namespace, train_rows: int) -> dict:
     }
     picked = {}
     for name, value in chosen.items():
-        if getattr(args, name) is None:
+        if hasattr(args, name) and getattr(args, name) is None:  # absent: not this model's option
             setattr(args, name, value)
             picked[name] = value
     return picked

@@ -1,11 +1,13 @@
-"""Train NeuMF (or its GMF / MLP branch) on an ETL output directory.
+"""Train a recommender of the model family (NeuMF by default) on an ETL output directory.
 
     python models/train_ncf.py --data ETL_DIR --output RUN_DIR
+    python models/train_ncf.py --data ETL_DIR --output RUN_DIR --model multvae
     torchrun --nproc_per_node 2 models/train_ncf.py --data ETL_DIR --output RUN_DIR
     python models/train_ncf.py --data ETL_DIR --output RUN_DIR --mode test
 
 Writes RUN_DIR/checkpoints/{best,last}.pt, model.ts, config.json, log.jsonl and
-training.png (docs/pipeline.md), and prints the final HR@K / NDCG@K.
+training.png (docs/pipeline.md), and prints the final sampled HR@K / NDCG@K and the
+full-ranking Recall@K / NDCG@K.
 """
 
 from __future__ import annotations
@@ -18,28 +20,21 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 
+from merlin_ncf.models.contract import positive_int
 from merlin_ncf.models.errors import TrainingError
 from merlin_ncf.models.defaults import NEGATIVE_SAMPLING
+from merlin_ncf.models.registry import MODELS, model_class
 from merlin_ncf.errors import EXIT_USER_ERROR, UserError, one_line
 from merlin_ncf.errors import run_cli  # noqa: E402
 
 PROG = "train_ncf.py"
+DEFAULT_MODEL = "neumf"
 
 
 class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, not usage + message
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
-    return value
 
 
 def non_negative_int(text: str) -> int:
@@ -67,7 +62,18 @@ def unit_interval(text: str) -> float:
     return value
 
 
+def chosen_model(argv: list[str] | None) -> str:
+    """--model, read before the full parser exists: the model's own options join it."""
+    pre = Parser(prog=PROG, add_help=False, allow_abbrev=False)  # else --mode would read as --model
+    pre.add_argument("--model", choices=tuple(MODELS), default=DEFAULT_MODEL)
+    return pre.parse_known_args(argv)[0].model
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from merlin_ncf.models.defaults import SIZED_MODEL_OPTIONS
+
+    name = chosen_model(argv)
+    cls = model_class(name)
     p = Parser(prog=PROG, description=__doc__.split("\n\n")[0],
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     io = p.add_argument_group("input and output")
@@ -80,23 +86,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     io.add_argument("--resume", action="store_true", help="continue the run in OUTPUT from checkpoints/last.pt")
     io.add_argument("--force", action="store_true", help="start over in an OUTPUT that already holds a run")
 
-    auto = "auto: from the training set's size, see models/defaults.py"
-    model = p.add_argument_group("model (auto values are printed at start)")
-    model.add_argument("--variant", choices=("neumf", "gmf", "mlp"), default="neumf",
-                       help="the full NeuMF, or its GMF-only / MLP-only branch (for pre-training)")
-    model.add_argument("--factors", type=positive_int, help=f"GMF embedding size ({auto})")
-    model.add_argument("--mlp-layers", type=positive_int, nargs="+",
-                       help=f"MLP widths, the first being user + item embedding sizes, NVIDIA's notation ({auto})")
-    model.add_argument("--dropout", type=float, help=f"dropout after each MLP layer ({auto})")
-    model.add_argument("--pretrained-gmf", type=Path, help="GMF-only checkpoint to initialise NeuMF from")
-    model.add_argument("--pretrained-mlp", type=Path, help="MLP-only checkpoint to initialise NeuMF from")
-    model.add_argument("--alpha", type=float, default=0.5, help="weight of GMF's output layer with pre-training")
+    auto = "auto: from the training set's size and the model, see models/defaults.py"
+    p.add_argument("--model", choices=tuple(MODELS), default=DEFAULT_MODEL,
+                   help="which model to train; its options are listed under its name (see --model NAME --help)")
+    options = p.add_argument_group(f"model {name} (auto values are printed at start)")
+    cls.add_arguments(options)
+    # Size-dependent defaults (models/defaults.py) replace the class defaults of these options.
+    p.set_defaults(**{dest: None for dest in model_options(cls) if dest in SIZED_MODEL_OPTIONS.get(name, ())})
 
     train = p.add_argument_group("training (auto values are printed at start)")
     train.add_argument("--epochs", type=positive_int, help=f"maximum epochs ({auto})")
     train.add_argument("--batch-size", type=positive_int,
-                       help=f"samples (positives + their negatives) per optimizer step, summed over processes ({auto})")
-    train.add_argument("--negatives", type=positive_int, default=4, help="negatives sampled per positive")
+                       help="samples per optimizer step, summed over processes: positives + their negatives "
+                            f"(pointwise, pairwise models) or users (user-row models) ({auto})")
+    train.add_argument("--negatives", type=positive_int, default=4,
+                       help="negatives sampled per positive (pointwise models; pairwise ones take 1)")
     train.add_argument("--negative-sampling", choices=NEGATIVE_SAMPLING,
                        help=f"uniform items, or redraw the user's own training items as RecBole does ({auto})")
     train.add_argument("--lr", type=positive_float, help=f"Adam learning rate ({auto})")
@@ -116,23 +120,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--max-steps", type=non_negative_int, default=0,
                        help="batches per epoch at most (0: whole epoch), for smoke runs")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
-    train.add_argument("--stop-after-steps", type=non_negative_int, default=0,
-                       help="testing aid: kill the process (SIGKILL) after this many optimizer steps")
 
     evaluation = p.add_argument_group("evaluation and early stopping")
-    evaluation.add_argument("--topk", type=positive_int, default=10, help="K of HR@K and NDCG@K")
+    evaluation.add_argument("--topk", type=positive_int, default=10, help="K of HR@K, NDCG@K and full Recall@K")
     evaluation.add_argument("--threshold", type=float, default=1.0, help="stop once HR@K reaches this")
     evaluation.add_argument("--patience", type=non_negative_int,
                             help=f"stop after this many epochs without a better HR@K, 0: never ({auto})")
-    evaluation.add_argument("--eval-batch-size", type=positive_int, default=2**20,
-                            help="candidates scored per forward pass")
+    evaluation.add_argument("--eval-batch-size", type=positive_int,
+                            help=f"candidates scored per forward pass ({auto})")
     args = p.parse_args(argv)
-    check_combinations(args, p)
+    if cls.input_type == "pairwise":
+        args.negatives = 1
+    check_combinations(args, p, cls)
     return args
 
 
-def check_combinations(args: argparse.Namespace, p: Parser) -> None:
+def model_options(cls) -> dict:
+    """The model's own options and their class defaults (a parser of its options alone)."""
+    alone = argparse.ArgumentParser(add_help=False)
+    cls.add_arguments(alone)
+    return vars(alone.parse_args([]))
+
+
+def check_combinations(args: argparse.Namespace, p: Parser, cls) -> None:
     """Option combinations that cannot work, refused before anything is read or written."""
+    from merlin_ncf.models.trainer import samples_per_row
+
     if args.mode == "test":
         if args.resume or args.force:
             p.error("--resume/--force train; --mode test only evaluates a checkpoint")
@@ -145,21 +158,18 @@ def check_combinations(args: argparse.Namespace, p: Parser) -> None:
         p.error("--checkpoint is for --mode test; to continue training use --resume")
     if args.resume and args.force:
         p.error("--resume continues the run in --output and --force replaces it: pick one")
-    if (args.pretrained_gmf is None) != (args.pretrained_mlp is None):
-        p.error("pre-training needs both --pretrained-gmf and --pretrained-mlp")
-    if args.pretrained_gmf is not None and (args.variant != "neumf" or args.resume):
-        p.error("--pretrained-gmf/--pretrained-mlp initialise a new --variant neumf run (not with --resume)")
-    if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
-        p.error(f"--dropout must be in [0, 1), got {args.dropout}")
-    if not 0.0 <= args.alpha <= 1.0:
-        p.error(f"--alpha must be in [0, 1], got {args.alpha}")
-    layers = args.mlp_layers
-    if args.variant != "gmf" and layers is not None and (len(layers) < 2 or layers[0] % 2):
-        p.error("--mlp-layers needs an even first width (user + item embeddings) and at least one layer")
+    # Auto (None) options are checked at their class default; their auto values are valid.
+    filled = argparse.Namespace(**{**model_options(cls), **{k: v for k, v in vars(args).items() if v is not None}})
+    try:
+        cls.check_arguments(filled)
+    except ValueError as exc:
+        p.error(str(exc))
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if args.batch_size is not None and args.batch_size // (world * args.grad_accumulation * (1 + args.negatives)) < 1:
-        p.error(f"--batch-size {args.batch_size} leaves no positive per micro-batch "
-                f"({world} processes x {args.grad_accumulation} accumulation x {1 + args.negatives} samples)")
+    per_row = samples_per_row(cls.input_type, args.negatives)
+    if args.batch_size is not None and args.batch_size // (world * args.grad_accumulation * per_row) < 1:
+        row = "user" if cls.input_type == "user_rows" else "positive"
+        p.error(f"--batch-size {args.batch_size} leaves no {row} per micro-batch "
+                f"({world} processes x {args.grad_accumulation} accumulation x {per_row} samples)")
 
 
 def choose_device(name: str):
@@ -173,16 +183,26 @@ def choose_device(name: str):
 
 
 def choose_defaults(args, data, world: int = 1, verbose: bool = False) -> None:
-    """Fill the auto options from the training set's size, and print them if `verbose`."""
+    """Fill the auto options from the model's own training defaults, then from the training
+    set's size, and print them if `verbose`."""
     from merlin_ncf.models.defaults import resolve
+    from merlin_ncf.models.trainer import samples_per_row
 
-    picked = resolve(args, data.train_rows)
-    if args.batch_size // (world * args.grad_accumulation * (1 + args.negatives)) < 1:
-        raise TrainingError(f"--batch-size {args.batch_size} leaves no positive per micro-batch")
+    cls = model_class(args.model)
+    picked = {}
+    for name, value in cls.train_defaults.items():
+        if getattr(args, name, 0) is None:
+            setattr(args, name, value)
+            picked[name] = value
+    picked.update(resolve(args, data.train_rows))
+    if args.eval_batch_size is None:
+        args.eval_batch_size = 2**20
+    if args.batch_size // (world * args.grad_accumulation * samples_per_row(cls.input_type, args.negatives)) < 1:
+        raise TrainingError(f"--batch-size {args.batch_size} leaves no positive or user per micro-batch")
     if picked and verbose:
         shown = "  ".join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
                           for k, v in picked.items())
-        print(f"auto for {data.train_rows:,} training positives: {shown}", flush=True)
+        print(f"auto for {args.model} and {data.train_rows:,} training positives: {shown}", flush=True)
 
 
 def train_options(args: argparse.Namespace):
@@ -194,22 +214,21 @@ def train_options(args: argparse.Namespace):
 
 
 def build_model(args, data):
-    from merlin_ncf.models import checkpoint as ckpt
-    from merlin_ncf.models.registry import model_from
-    from merlin_ncf.models.neumf import NeuMF
+    """The --model class from its options and the data's facts (all training pairs, not one
+    rank's shard, for models that hold them)."""
+    from merlin_ncf.models.contract import DataFacts
+    from merlin_ncf.models.data import train_pairs
 
-    if args.pretrained_gmf is None:
-        return NeuMF(data.num_users, data.num_items, mf_dim=args.factors, mlp_layers=args.mlp_layers,
-                     dropout=args.dropout, variant=args.variant)
-    branches = []
-    for path in (args.pretrained_gmf, args.pretrained_mlp):
-        branch = model_from(ckpt.load(path), path)
-        check_fits(branch.config, data, path)
-        branches.append(branch)
+    cls = model_class(args.model)
+    interactions = None
+    if cls.needs_interactions:
+        users, items = train_pairs(data)
+        interactions = (users.numpy(), items.numpy())
+    facts = DataFacts(data.num_users, data.num_items, data.first_item, interactions)
     try:
-        return NeuMF.from_pretrained(*branches, alpha=args.alpha, dropout=args.dropout)
+        return cls.from_args(args, facts)
     except ValueError as exc:
-        raise TrainingError(f"pre-training: {exc}") from None
+        raise TrainingError(f"--model {args.model}: {one_line(exc)}") from None
 
 
 def check_fits(config: dict, data, path) -> None:
@@ -286,18 +305,33 @@ def discard_unstarted_run(out: Path, created: bool) -> None:
         (out / MARKER).unlink(missing_ok=True)
 
 
-def run_test(args, data, device) -> int:
-    from merlin_ncf.models import checkpoint as ckpt
+def test_metrics(trainer, data, test_lists, sampled: tuple[float, float] | None = None) -> dict:
+    """The final test metrics: sampled HR@K / NDCG@K on the test lists (`sampled` when the
+    caller has them) and full-ranking Recall@K / NDCG@K over all items but the user's
+    training items and the reserved ids (models/ranking.py)."""
+    from merlin_ncf.models.ranking import SeenItems, train_matrix
+
+    k = trainer.options.topk
+    hr, ndcg = sampled if sampled is not None else trainer.evaluate(test_lists)[:2]
+    recall, full_ndcg = trainer.evaluate_full(test_lists, SeenItems.from_csr(train_matrix(data.spec)))
+    return {f"hr@{k}": hr, f"ndcg@{k}": ndcg, f"full_recall@{k}": recall, f"full_ndcg@{k}": full_ndcg}
+
+
+def describe(metrics: dict, k: int) -> str:
+    return (f"HR@{k} = {metrics[f'hr@{k}']:.4f}  NDCG@{k} = {metrics[f'ndcg@{k}']:.4f}  "
+            f"full Recall@{k} = {metrics[f'full_recall@{k}']:.4f}  full NDCG@{k} = {metrics[f'full_ndcg@{k}']:.4f}")
+
+
+def run_test(args, data, device, state: dict, path: Path) -> int:
     from merlin_ncf.models.registry import model_from
     from merlin_ncf.models.data import load_candidates
     from merlin_ncf.models.trainer import Trainer
 
-    path = args.checkpoint or args.output / "checkpoints" / "best.pt"
-    model = model_from(ckpt.load(path), path)
+    model = model_from(state, path)
     check_fits(model.config, data, path)
     trainer = Trainer(model, data, train_options(args), device)
-    hr, ndcg, rate = trainer.evaluate(load_candidates(data, "test"))
-    print(f"test HR@{args.topk} = {hr:.4f}  NDCG@{args.topk} = {ndcg:.4f}  ({rate:,.0f} samples/s)  [{path}]")
+    metrics = test_metrics(trainer, data, load_candidates(data, "test"))
+    print(f"test {describe(metrics, args.topk)}  [{path}]")
     return 0
 
 
@@ -305,11 +339,15 @@ def run_train(args, data, device, context, resume: dict | None) -> int:
     import torch
 
     from merlin_ncf.models.data import load_candidates
+    from merlin_ncf.models.registry import model_name
 
     torch.manual_seed(args.seed)  # initialisation
     model = build_model(args, data)
     if resume is not None:
         check_fits(resume["model"]["config"], data, args.output / "checkpoints" / "last.pt")
+        if resume["model"].get("name") != model_name(model):
+            raise TrainingError(f"checkpoints/last.pt is a {resume['model'].get('name')} run, not --model {args.model}: "
+                                "resume it with its own --model, or --force a new run")
         if resume["model"]["config"] != model.config:
             raise TrainingError("checkpoints/last.pt was trained with other model options: "
                                 f"{resume['model']['config']}")
@@ -332,6 +370,7 @@ def train_in(args, data, device, context, resume, model, eval_lists, test_lists,
     from merlin_ncf.models import checkpoint as ckpt
     from merlin_ncf.models.registry import model_from
     from merlin_ncf.models.export import save_json, save_torchscript
+    from merlin_ncf.models.registry import model_name
     from merlin_ncf.models.plots import plot_history
     from merlin_ncf.models.trainer import Trainer, write_jsonl
 
@@ -355,25 +394,25 @@ def train_in(args, data, device, context, resume, model, eval_lists, test_lists,
     context.barrier()  # best.pt is on disk
     best_path = args.output / "checkpoints" / "best.pt"
     trainer.model.load_state_dict(model_from(ckpt.load(best_path), best_path).state_dict())
+    sampled = None
     if eval_split == "test":
         best = state.history[state.best_epoch - 1]
-        hr, ndcg = best["hr"], best["ndcg"]
-    else:
-        hr, ndcg, _ = trainer.evaluate(test_lists)
+        sampled = best["hr"], best["ndcg"]
+    metrics = test_metrics(trainer, data, test_lists, sampled)
     if context.is_main:
         save_torchscript(trainer.model, args.output / "model.ts")
         write_jsonl(state.history, args.output / "log.jsonl")
         plot_history(state.history, args.output / "training.png")
         save_json({
-            "model": {"name": "neumf", "config": trainer.model.config},
+            "model": {"name": model_name(trainer.model), "config": trainer.model.config},
+            "output": trainer.model.output,
             "options": {**asdict(options), "device": str(device), "processes": context.world},
             "data": str(args.data.resolve()),
             "data_fingerprint": fingerprint,
             "columns": {"user": data.user_column, "item": data.item_column},
-            "metrics": {f"hr@{options.topk}": hr, f"ndcg@{options.topk}": ndcg, "split": "test",
-                        "best_epoch": state.best_epoch, "epochs": state.epoch},
+            "metrics": {**metrics, "split": "test", "best_epoch": state.best_epoch, "epochs": state.epoch},
         }, args.output / "config.json")
-        print(f"final test HR@{options.topk} = {hr:.4f}  NDCG@{options.topk} = {ndcg:.4f}  "
+        print(f"final test {describe(metrics, options.topk)}  "
               f"(best epoch {state.best_epoch} of {state.epoch})  -> {args.output}")
     return 0
 
@@ -393,8 +432,13 @@ def main(argv: list[str] | None = None) -> int:
         resume = check_output(args) if args.mode == "train" else None
         data = open_etl(args.data)
         if args.mode == "test":
+            from merlin_ncf.models import checkpoint as ckpt
+
+            path = args.checkpoint or args.output / "checkpoints" / "best.pt"
+            state = ckpt.load(path)
+            args.model = state.get("model", {}).get("name", args.model)  # its training defaults apply
             choose_defaults(args, data)
-            return run_test(args, data, device)
+            return run_test(args, data, device, state, path)
         context = from_environment(device)
         choose_defaults(args, data, context.world, verbose=context.is_main)
         return run_train(args, data, device, context, resume)

@@ -1,10 +1,16 @@
-"""The model-agnostic training loop: sampled negatives, BCE-with-logits, Adam, gradient
-accumulation, AMP, DDP, HR/NDCG evaluation, early stopping and resumable checkpoints.
+"""The model-agnostic training loop: batches for the model's input_type, its own loss, Adam,
+gradient accumulation, AMP, DDP, sampled HR/NDCG and full-ranking evaluation, early stopping
+and resumable checkpoints.
 
-A model is any nn.Module with forward(user [B], item [B, C]) -> logits [B, C].
+A model is a models.contract.Recommender. Its `input_type` picks the batches:
+- pointwise: the merlin Loader's positives, each with N sampled negatives (PointwiseBatch);
+- pairwise: the Loader's positives, each with one sampled negative (PairwiseBatch);
+- user_rows: shuffled ids of the users that have training rows (UserRowsBatch), the same
+  permutation on every rank from (seed, epoch), each rank taking its slice of every step.
 Every epoch's randomness (file order, row shuffle, negatives, dropout) is seeded from
-(seed, epoch, rank), so resuming from an end-of-epoch checkpoint replays exactly what an
-uninterrupted run would have done.
+(seed, epoch, rank), and the global optimizer-step count is checkpointed (schedules such as
+Mult-VAE's KL annealing take it), so resuming from an end-of-epoch checkpoint replays exactly
+what an uninterrupted run would have done.
 """
 
 from __future__ import annotations
@@ -23,9 +29,11 @@ from torch import nn
 from tqdm import tqdm
 
 from merlin_ncf.models import checkpoint as ckpt
+from merlin_ncf.models.contract import Objective, PairwiseBatch, PointwiseBatch, Recommender, UserRowsBatch
 from merlin_ncf.models.data import Candidates, EtlData, batch_columns, check_ids, seed_shuffle, train_loader, train_pairs
 from merlin_ncf.models.ddp import Context
 from merlin_ncf.models.metrics import hit_and_ndcg_sums
+from merlin_ncf.models.ranking import SeenItems, full_ranking_sums
 from merlin_ncf.models.registry import model_name
 from merlin_ncf.models.errors import TrainingError
 from merlin_ncf.models.sampler import NegativeSampler, epoch_generator, seen_keys
@@ -52,11 +60,21 @@ class TrainOptions:
     parts_per_chunk: int = 1
     max_steps: int = 0  # batches per epoch at most (0: the whole shard); smoke runs, benchmarks
     progress: bool = True
-    stop_after_steps: int = 0  # debug: SIGKILL ourselves after this many optimizer steps
 
-    def positives_per_batch(self, world: int) -> int:
-        """Rows the Loader yields per micro-batch on each rank."""
-        return self.batch_size // (world * self.grad_accumulation * (1 + self.negatives))
+    def rows_per_batch(self, world: int, input_type: str = "pointwise") -> int:
+        """Rows (positives, or users) per micro-batch on each rank."""
+        return self.batch_size // (world * self.grad_accumulation * samples_per_row(input_type, self.negatives))
+
+
+def samples_per_row(input_type: str, negatives: int) -> int:
+    """What one row of a batch counts toward --batch-size: a positive and its N negatives, a
+    positive and its one negative, or a user."""
+    return {"pointwise": 1 + negatives, "pairwise": 2, "user_rows": 1}[input_type]
+
+
+# Testing aid, hidden from --help (issue 9): SIGKILL this process after this many optimizer
+# steps, to test resuming after a crash.
+KILL_AFTER_STEPS = "MERLIN_NCF_TEST_KILL_AFTER_STEPS"
 
 
 @dataclass
@@ -81,6 +99,7 @@ class State:
     best_hr: float = -1.0
     best_epoch: int = -1
     stale_epochs: int = 0
+    steps: int = 0  # optimizer steps taken over all epochs (the loss's `step`)
     history: list = field(default_factory=list)
 
 
@@ -100,25 +119,36 @@ def build_optimizer(model: nn.Module, options: TrainOptions, device: torch.devic
 
 
 class Trainer:
-    def __init__(self, model: nn.Module, data: EtlData, options: TrainOptions, device: torch.device,
+    def __init__(self, model: Recommender, data: EtlData, options: TrainOptions, device: torch.device,
                  context: Context | None = None, run_dir: Path | None = None):
         self.data, self.options, self.device = data, options, device
         self.context = context or Context()
         self.model = model.to(device)
+        self.input_type = model.input_type
+        objective = Objective(self.model)
+        # DDP synchronises the gradients of what runs through its forward: the loss. Buffers
+        # (Mult-VAE's interaction rows) are the same on every rank and never change.
         self.ddp = (
-            nn.parallel.DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
-            if self.context.distributed else self.model
+            nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None,
+                                                broadcast_buffers=False)
+            if self.context.distributed else objective
         )
         self.optimizer = build_optimizer(self.model, options, device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=options.amp and device.type == "cuda")
-        seen = None
-        if options.negative_sampling == "exclude-seen":
-            seen = seen_keys(*train_pairs(data), data.num_items)
-        self.sampler = NegativeSampler(data.first_item, data.num_items, options.negatives, seen).to(device)
-        self.loss_fn = nn.BCEWithLogitsLoss()
+        self.sampler = None
+        self.users = None
+        if self.input_type == "user_rows":
+            self.users = torch.unique(train_pairs(data)[0])  # every user with training rows, sorted
+        else:
+            seen = None
+            if options.negative_sampling == "exclude-seen":
+                seen = seen_keys(*train_pairs(data), data.num_items)
+            negatives = options.negatives if self.input_type == "pointwise" else 1
+            self.sampler = NegativeSampler(data.first_item, data.num_items, negatives, seen).to(device)
         self.run_dir = run_dir if self.context.is_main else None
         self.state = State()
-        self.steps_taken = 0
+        self.steps_taken = 0  # in this process (the kill aid counts these)
+        self.kill_after = int(os.environ.get(KILL_AFTER_STEPS, "0") or 0)
 
     # --- checkpoints ------------------------------------------------------------
 
@@ -164,43 +194,100 @@ class Trainer:
         lists = max(lists, 1.0)
         return total_hits / lists, total_ndcg / lists, lists * candidates.items.shape[1] / elapsed
 
+    @torch.no_grad()
+    def evaluate_full(self, candidates: Candidates, seen: SeenItems) -> tuple[float, float]:
+        """Full-ranking Recall@K, NDCG@K of each list's positive (column 0) against every item
+        but the user's training items and the reserved ids, over all ranks' lists. Costs a
+        score of the whole catalogue per user: the final evaluation only, not every epoch."""
+        shard = candidates.shard(self.context.rank, self.context.world)
+        self.model.eval()
+
+        def score_all(users: torch.Tensor) -> torch.Tensor:
+            with autocast(self.device, self.options.amp):
+                return self.model.score_all(users.to(self.device)).float()
+
+        recall, ndcg, users = full_ranking_sums(score_all, shard.users, shard.items[:, 0], seen,
+                                                self.data.first_item, self.options.topk,
+                                                max_scores=max(self.options.eval_batch_size, self.data.num_items))
+        recall, ndcg, users = self.context.sum([recall, ndcg, users])
+        users = max(users, 1.0)
+        return recall / users, ndcg / users
+
     # --- training ---------------------------------------------------------------
+
+    def batches(self, epoch: int, check_input: bool):
+        """(number of steps, iterator of this rank's micro-batches) of one epoch, the same
+        number of steps on every rank (DDP needs it)."""
+        options, context = self.options, self.context
+        per_rank = options.rows_per_batch(context.world, self.input_type)
+        if self.input_type == "user_rows":
+            return self.user_batches(epoch, per_rank)
+        generator = epoch_generator(options.seed, epoch, context.rank, self.device)
+        loader = train_loader(self.data, per_rank, epoch, options.seed, context.rank, context.world,
+                              options.parts_per_chunk, self.device)
+        # Shards can differ by a batch.
+        steps = int(context.min([float(len(loader))])[0])
+        if options.max_steps:
+            steps = min(steps, options.max_steps)
+
+        def iterate():
+            try:
+                seed_shuffle(options.seed, epoch, context.rank)
+                for step, batch in enumerate(loader):
+                    if step >= steps:
+                        break
+                    users, positives = batch_columns(self.data, batch)
+                    if check_input:
+                        check_ids(self.data, users, positives, "train")
+                    users = users.to(self.device, non_blocking=True)
+                    items, labels = self.sampler.candidates(positives.to(self.device, non_blocking=True),
+                                                            generator, users)
+                    if self.input_type == "pointwise":
+                        yield PointwiseBatch(users, items, labels)
+                    else:
+                        yield PairwiseBatch(users, items[:, 0], items[:, 1])
+            finally:
+                loader.stop()
+
+        return steps, iterate()
+
+    def user_batches(self, epoch: int, per_rank: int):
+        """User ids in a permutation from (seed, epoch), identical on every rank; each step
+        takes the next world x per_rank users and each rank its interleaved slice."""
+        options, context = self.options, self.context
+        generator = torch.Generator().manual_seed((options.seed * 7919 + epoch) % 2**63)
+        order = self.users[torch.randperm(len(self.users), generator=generator)]
+        per_step = per_rank * context.world
+        steps = len(order) // per_step + (len(order) % per_step >= context.world)  # no rank left empty
+        if options.max_steps:
+            steps = min(steps, options.max_steps)
+
+        def iterate():
+            for step in range(steps):
+                chunk = order[step * per_step:(step + 1) * per_step]
+                yield UserRowsBatch(chunk[context.rank::context.world].to(self.device, non_blocking=True))
+
+        return steps, iterate()
 
     def train_epoch(self, epoch: int, check_input: bool) -> tuple[float, int, float]:
         """One pass over this rank's shard: mean loss over all ranks, samples, seconds."""
         options, context = self.options, self.context
         torch.manual_seed((options.seed * 1_000_003 + epoch * 7919 + context.rank) % 2**63)  # dropout
-        generator = epoch_generator(options.seed, epoch, context.rank, self.device)
-        loader = train_loader(self.data, options.positives_per_batch(context.world), epoch, options.seed,
-                              context.rank, context.world, options.parts_per_chunk, self.device)
-        steps = len(loader)
-        # DDP needs every rank to take the same number of steps; shards can differ by a batch.
-        steps = int(context.min([float(steps)])[0])
-        if options.max_steps:
-            steps = min(steps, options.max_steps)
+        steps, batches = self.batches(epoch, check_input)
         accumulation = options.grad_accumulation
         self.model.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         samples = 0
-        seed_shuffle(options.seed, epoch, context.rank)
         start = time.perf_counter()
         bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{options.epochs}", unit="batch",
                    disable=not (options.progress and context.is_main), leave=False)
         try:
-            for step, batch in enumerate(loader):
-                if step >= steps:
-                    break
-                users, positives = batch_columns(self.data, batch)
-                if check_input:
-                    check_ids(self.data, users, positives, "train")
-                users = users.to(self.device, non_blocking=True)
-                items, labels = self.sampler.candidates(positives.to(self.device, non_blocking=True), generator, users)
+            for step, batch in enumerate(batches):
                 boundary = (step + 1) % accumulation == 0 or step + 1 == steps
                 sync = contextlib.nullcontext() if boundary or not context.distributed else self.ddp.no_sync()
                 with sync:
                     with autocast(self.device, options.amp):
-                        logits = self.ddp(users, items)
-                    loss = self.loss_fn(logits.float(), labels)
+                        loss = self.ddp(batch, self.state.steps).float()
                     self.check_finite(loss, epoch, step)
                     self.scaler.scale(loss / accumulation).backward()
                 if boundary:
@@ -208,14 +295,15 @@ class Trainer:
                     self.scaler.update()
                     self.optimizer.zero_grad(set_to_none=True)
                     self.steps_taken += 1
-                    if options.stop_after_steps and self.steps_taken >= options.stop_after_steps:
+                    self.state.steps += 1
+                    if self.kill_after and self.steps_taken >= self.kill_after:
                         os.kill(os.getpid(), signal.SIGKILL)  # simulates a crash, for resume tests
-                loss_sum += loss.detach().double() * labels.numel()
-                samples += labels.numel()
+                loss_sum += loss.detach().double() * batch.samples
+                samples += batch.samples
                 bar.update()
         finally:
             bar.close()
-            loader.stop()
+            batches.close()
         loss_total, samples_total = context.sum([float(loss_sum), float(samples)])
         return loss_total / max(samples_total, 1.0), int(samples_total), time.perf_counter() - start
 

@@ -23,6 +23,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 SMALL = ["--factors", "16", "--mlp-layers", "32", "32", "16", "--dropout", "0.1", "--batch-size", "2000",
          "--lr", "0.02", "--no-progress", "--seed", "3"]
 EPOCHS = 3
+KILL = "MERLIN_NCF_TEST_KILL_AFTER_STEPS"  # the trainer's hidden crash aid (models/trainer.py)
 
 
 def write_planted_etl(out: Path, users=400, items=300, groups=10, per_user=15, negatives=100, files=4, seed=0):
@@ -138,7 +139,7 @@ def test_resume_after_a_kill_matches_the_uninterrupted_run(reference_run, plante
     reference, _ = reference_run
     out = tmp_path / "run"
     # 15 optimizer steps per epoch: die in the middle of epoch 2.
-    killed = run([*TRAIN, "--data", planted, "--output", out, "--epochs", EPOCHS, *SMALL, "--stop-after-steps", "20"])
+    killed = run([*TRAIN, "--data", planted, "--output", out, "--epochs", EPOCHS, *SMALL], env={KILL: "20"})
     assert killed.returncode == -signal.SIGKILL
     assert len(read_log(out)) == 1 and not (out / "model.ts").exists()
     resumed = run([*TRAIN, "--data", planted, "--output", out, "--epochs", EPOCHS, *SMALL, "--resume"])
@@ -410,8 +411,7 @@ def test_a_forced_run_killed_early_leaves_no_file_of_the_old_run(planted, refere
 
     out = tmp_path / "run"
     shutil.copytree(reference_run[0], out)
-    killed = run([*TRAIN, "--data", planted, "--output", out, "--epochs", EPOCHS, *SMALL, "--force",
-                  "--stop-after-steps", "1"])
+    killed = run([*TRAIN, "--data", planted, "--output", out, "--epochs", EPOCHS, *SMALL, "--force"], env={KILL: "1"})
     assert killed.returncode == -signal.SIGKILL
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [".merlin-ncf", "checkpoints"]
     assert [p.name for p in tmp_path.iterdir()] == ["run"]  # the old run moved aside was deleted
