@@ -14,6 +14,7 @@ from merlin_ncf.models.errors import TrainingError
 from merlin_ncf.errors import UserError, one_line
 from merlin_ncf.feature_spec import TEST, TRAIN, VALIDATION, FeatureSpec, FeatureSpecError
 from merlin_ncf.workflows.transcode import etl_directory
+from merlin_ncf.models.seeds import rank_seed, shared_seed
 
 # merlin.io warns on every CPU Dataset; CPU is a supported mode of this project.
 warnings.filterwarnings("ignore", message=".*CPU mode.*experimental feature.*")
@@ -140,7 +141,7 @@ def train_loader(data: EtlData, batch_size: int, epoch: int, seed: int, rank: in
     before iterating: the Loader's shuffle draws from numpy's global RNG in its thread.
     """
     merlin_io, Loader, _ = _merlin()
-    order = np.random.RandomState((seed * 7919 + epoch) % 2**32).permutation(len(data.train_files))
+    order = np.random.RandomState(shared_seed(seed, epoch, bits=32)).permutation(len(data.train_files))
     files = [str(data.train_files[i]) for i in order]
     on_cpu = device.type == "cpu"
     dataset = merlin_io.Dataset(files, engine="parquet", schema=data.schema, cpu=on_cpu)
@@ -154,7 +155,7 @@ def train_loader(data: EtlData, batch_size: int, epoch: int, seed: int, rank: in
 
 
 def seed_shuffle(seed: int, epoch: int, rank: int) -> None:
-    np.random.seed((seed * 1_000_003 + epoch * 7919 + rank) % 2**32)
+    np.random.seed(rank_seed(seed, epoch, rank, bits=32))
 
 
 def batch_columns(data: EtlData, batch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,6 +17,7 @@ padding/null/OOV rows.
 from __future__ import annotations
 
 import torch
+from merlin_ncf.models.seeds import rank_seed
 
 # A user who has seen nearly every item could redraw forever; after this many rounds the
 # few remaining collisions are kept (they are then as rare as uniform sampling's, squared).
@@ -27,7 +28,7 @@ def epoch_generator(seed: int, epoch: int, rank: int, device: torch.device) -> t
     """A generator whose stream depends only on (seed, epoch, rank), so a resumed run
     draws exactly what an uninterrupted one would have drawn from that epoch on."""
     generator = torch.Generator(device=device)
-    generator.manual_seed((seed * 1_000_003 + epoch * 7919 + rank) % (2**63))
+    generator.manual_seed(rank_seed(seed, epoch, rank))
     return generator
 
 

@@ -38,6 +38,7 @@ from merlin_ncf.models.registry import model_name
 from merlin_ncf.models.errors import TrainingError
 from merlin_ncf.models.sampler import NegativeSampler, epoch_generator, seen_keys
 from merlin_ncf.atomic import atomic_file
+from merlin_ncf.models.seeds import rank_seed, shared_seed
 
 
 @dataclass
@@ -255,7 +256,7 @@ class Trainer:
         """User ids in a permutation from (seed, epoch), identical on every rank; each step
         takes the next world x per_rank users and each rank its interleaved slice."""
         options, context = self.options, self.context
-        generator = torch.Generator().manual_seed((options.seed * 7919 + epoch) % 2**63)
+        generator = torch.Generator().manual_seed(shared_seed(options.seed, epoch))
         order = self.users[torch.randperm(len(self.users), generator=generator)]
         per_step = per_rank * context.world
         steps = len(order) // per_step + (len(order) % per_step >= context.world)  # no rank left empty
@@ -272,7 +273,7 @@ class Trainer:
     def train_epoch(self, epoch: int, check_input: bool) -> tuple[float, int, float]:
         """One pass over this rank's shard: mean loss over all ranks, samples, seconds."""
         options, context = self.options, self.context
-        torch.manual_seed((options.seed * 1_000_003 + epoch * 7919 + context.rank) % 2**63)  # dropout
+        torch.manual_seed(rank_seed(options.seed, epoch, context.rank))  # dropout
         steps, batches = self.batches(epoch, check_input)
         accumulation = options.grad_accumulation
         self.model.train()

@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+from merlin_ncf import atomic
 from merlin_ncf.serving.server_runtime import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,6 +75,7 @@ def write_planted_etl(out: Path, users=400, items=300, groups=10, per_user=15, n
         "metadata": {"test_samples_per_series": negatives + 1, "first_index": first, "dataset": "planted"},
     }
     (out / "feature_spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    atomic.mark(out, "etl")  # this project's ETL layout, so training reads it as it is
     return out
 
 
@@ -240,7 +242,7 @@ def test_impossible_options_are_refused_before_reading_anything(planted, tmp_pat
 def test_a_directory_that_is_not_etl_output_is_refused(tmp_path):
     (tmp_path / "data").mkdir()
     result = run([*TRAIN, "--data", tmp_path / "data", "--output", tmp_path / "run"])
-    assert_user_error(result, "is this an ETL output directory?")
+    assert_user_error(result, "feature_spec.yaml not found")
     assert not (tmp_path / "run").exists()
 
 
@@ -265,6 +267,7 @@ def test_cardinality_mismatch_between_spec_and_data_is_refused(planted, tmp_path
     spec = yaml.safe_load((planted / "feature_spec.yaml").read_text())
     spec["feature_spec"]["item_id"]["cardinality"] = 100
     (bad / "feature_spec.yaml").write_text(yaml.safe_dump(spec))
+    atomic.mark(bad, "etl")  # our layout: open_etl's own checks, not a foreign spec's transcoding
     refused(["--data", bad, "--output", tmp_path / "run"], "cardinality mismatch for item_id")
     assert not (tmp_path / "run").exists()
 
@@ -277,6 +280,7 @@ def test_test_ids_beyond_the_spec_are_refused(planted, tmp_path, refused):
     lists = pd.read_parquet(planted / "test" / "part_0.parquet")
     lists.loc[5, "item_id"] = 5000
     lists.to_parquet(bad / "test" / "part_0.parquet", index=False)
+    atomic.mark(bad, "etl")  # our layout: open_etl's own checks, not a foreign spec's transcoding
     refused(["--data", bad, "--output", tmp_path / "run"], "outside feature_spec's cardinality")
     assert not (tmp_path / "run").exists()
 

@@ -6,6 +6,7 @@ and full-ranking metrics; a pairwise and a user-row model resume exactly after a
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -166,9 +167,18 @@ def test_user_row_batches_are_one_permutation_split_between_ranks(tiny):
 @pytest.mark.parametrize("name", ["convncf", "multvae"])  # pairwise and user rows
 def test_two_process_ddp_resumes_exactly_after_a_kill(tiny, tmp_path, name):
     def torchrun(out, *extra, env=None):
-        return run([*TORCHRUN, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", free_port(),
-                    str(REPO / "models" / "train_ncf.py"), "--data", tiny, "--output", out, "--model", name,
-                    "--epochs", "3", "--threshold", "2", *SMALL[name], *COMMON, *extra], env=env, timeout=400)
+        def once():
+            return run([*TORCHRUN, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", free_port(),
+                        str(REPO / "models" / "train_ncf.py"), "--data", tiny, "--output", out, "--model", name,
+                        "--epochs", "3", "--threshold", "2", *SMALL[name], *COMMON, *extra], env=env, timeout=400)
+
+        result = once()
+        # Known intermittent abort of a Gloo rank under load (README, Known issues): retried once,
+        # from scratch, and only for that exact failure; the exact-resume checks below still hold.
+        if result.returncode != 0 and env is None and "terminate called without an active exception" in result.stderr:
+            shutil.rmtree(out, ignore_errors=True)
+            result = once()
+        return result
 
     reference = tmp_path / "reference"
     whole = torchrun(reference)
