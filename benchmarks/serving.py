@@ -12,7 +12,6 @@ errors; clients and server share this machine's cores.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import threading
 import time

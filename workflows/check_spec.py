@@ -9,7 +9,6 @@ declared cardinalities, candidate lists whole and one user each.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 

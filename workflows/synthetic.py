@@ -14,7 +14,6 @@ users, so memory stays bounded at any size.
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
