@@ -30,7 +30,7 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 
-from merlin_ncf.errors import OneLineArgumentParser, run_cli  # noqa: E402
+from merlin_ncf.errors import DefaultsHelpFormatter, OneLineArgumentParser, run_cli  # noqa: E402
 
 ML20M_ROWS, ML20M_USERS, ML20M_ITEMS = 20_000_263, 138_493, 26_744
 PHASES = ("read", "filter", "encode", "split", "negatives", "write")
@@ -168,7 +168,7 @@ def plot(results: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0],
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--sizes", nargs="+", type=parse_size, default=[1_000_000, 5_000_000, 20_000_000],
                         help="interaction counts to run (suffixes K and M allowed)")
     parser.add_argument("--data-dir", type=Path,

@@ -52,11 +52,11 @@ class Measurement:
 def run_load(target: str, workload: str, connect: Callable[[], Callable[[Request], object]],
              requests: list[Request], concurrency: int, warmup: int) -> Measurement:
     """Send `requests` from `concurrency` threads, each with its own connection from `connect`."""
-    from tqdm import tqdm
+    from merlin_ncf.progress import progress_bar
 
     result = Measurement(target, workload, concurrency)
-    progress = tqdm(total=len(requests), desc=f"{target}, {workload}, {concurrency} clients", unit="req",
-                    leave=False, disable=None, mininterval=0.5)  # disable=None: no bar when not a terminal
+    progress = progress_bar(total=len(requests), desc=f"{target}, {workload}, {concurrency} clients", unit="req",
+                            leave=False, mininterval=0.5)
     lock = threading.Lock()
     shares = [requests[i::concurrency] for i in range(concurrency)]
     start_line = threading.Barrier(concurrency + 1)

@@ -43,6 +43,15 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         sys.exit(EXIT_USER_ERROR)
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows a default only when there is one (not None or False) and the text does not state it."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def run_cli(main: Callable[[], int | None], prog: str | None = None) -> NoReturn:
     """Run a command's main() and exit with its code; a UserError it raises is one line, exit 2."""
     try:

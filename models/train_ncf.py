@@ -24,8 +24,7 @@ from merlin_ncf.models.contract import positive_int
 from merlin_ncf.models.errors import TrainingError
 from merlin_ncf.models.defaults import NEGATIVE_SAMPLING
 from merlin_ncf.models.registry import MODELS, model_class
-from merlin_ncf.errors import EXIT_USER_ERROR, UserError, one_line
-from merlin_ncf.errors import run_cli  # noqa: E402
+from merlin_ncf.errors import EXIT_USER_ERROR, DefaultsHelpFormatter, UserError, one_line, run_cli  # noqa: E402
 
 PROG = "train_ncf.py"
 DEFAULT_MODEL = "neumf"
@@ -75,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     name = chosen_model(argv)
     cls = model_class(name)
     p = Parser(prog=PROG, description=__doc__.split("\n\n")[0],
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+               formatter_class=DefaultsHelpFormatter)
     io = p.add_argument_group("input and output")
     io.add_argument("--data", required=True, type=Path, help="ETL output directory (holds feature_spec.yaml)")
     io.add_argument("--output", type=Path, help="run directory to write (required unless --mode test --checkpoint)")

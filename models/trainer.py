@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
+from merlin_ncf.progress import progress_bar
 
 from merlin_ncf.models import checkpoint as ckpt
 from merlin_ncf.models.contract import Objective, PairwiseBatch, PointwiseBatch, Recommender, UserRowsBatch
@@ -280,8 +280,8 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         samples = 0
         start = time.perf_counter()
-        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{options.epochs}", unit="batch",
-                   disable=not (options.progress and context.is_main), leave=False)
+        bar = progress_bar(total=steps, desc=f"epoch {epoch + 1}/{options.epochs}", unit="batch",
+                           enabled=options.progress and context.is_main, leave=False)
         try:
             for step, batch in enumerate(batches):
                 boundary = (step + 1) % accumulation == 0 or step + 1 == steps

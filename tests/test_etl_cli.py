@@ -219,3 +219,12 @@ def test_unwritable_output_is_one_line_error(script, args):
     result = run_command(script, *args, "--output", "/proc/merlin-ncf-test/x", "--quiet", check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "cannot write" in result.stderr
+
+
+@pytest.mark.parametrize("script", ["workflows/etl.py", "workflows/synthetic.py", "workflows/transcode.py",
+                                    "models/train_ncf.py"])
+def test_help_states_each_default_once_and_never_a_placeholder(script):
+    for name, text in help_entries(run_command(script, "--help").stdout).items():
+        flat = " ".join(text.split())
+        assert "(default: None)" not in flat and "(default: False)" not in flat, (name, flat)
+        assert flat.count("default:") <= 1, (name, flat)

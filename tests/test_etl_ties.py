@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from conftest import run_command
 from merlin_ncf.feature_spec import FeatureSpec

@@ -63,12 +63,12 @@ def file_digest(path: Path, algorithm: str) -> str:
 
 
 def _fetch(url: str, target: Path, timeout: float, progress: bool) -> None:
-    from tqdm import tqdm
+    from merlin_ncf.progress import progress_bar
 
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response, open(target, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=url.rsplit("/", 1)[-1], disable=not progress) as bar:
+            with progress_bar(total=total, unit="B", unit_scale=True, desc=url.rsplit("/", 1)[-1], enabled=progress) as bar:
                 for block in iter(lambda: response.read(1 << 20), b""):
                     out.write(block)
                     bar.update(len(block))

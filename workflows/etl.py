@@ -22,9 +22,8 @@ from pathlib import Path
 
 from merlin_ncf import atomic  # noqa: E402
 from merlin_ncf.workflows.cluster import DEFAULT_DASHBOARD, DEVICES, Backend, dask_client, resolve_device  # noqa: E402
-from merlin_ncf.errors import EtlError, OneLineArgumentParser, UserError, exit_with  # noqa: E402
+from merlin_ncf.errors import DefaultsHelpFormatter, EtlError, OneLineArgumentParser, UserError, exit_with, run_cli  # noqa: E402
 from merlin_ncf.workflows.readers import FORMATS, LAYOUTS, ColumnNames  # noqa: E402
-from merlin_ncf.errors import run_cli  # noqa: E402
 from merlin_ncf.workflows.options import EtlOptions, parse_cutoff  # noqa: E402
 
 
@@ -77,7 +76,7 @@ def _source(opts: EtlOptions) -> tuple[Path, str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0] + " " + __doc__.split("\n\n")[1],
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   formatter_class=DefaultsHelpFormatter)
     src = parser.add_argument_group("input")
     src.add_argument("--input", type=Path, help="a MovieLens release directory, its ratings file, or a CSV/parquet log")
     src.add_argument("--download", metavar="NAME",

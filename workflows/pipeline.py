@@ -37,10 +37,10 @@ class PhaseClock:
     """Per-phase wall times, printed as each phase ends, with a progress bar over phases."""
 
     def __init__(self, progress: bool):
-        from tqdm import tqdm
+        from merlin_ncf.progress import progress_bar
 
         self.seconds: dict[str, float] = {}
-        self.bar = tqdm(total=len(PHASES), desc="etl", unit=" phase", disable=not progress, leave=False)
+        self.bar = progress_bar(total=len(PHASES), desc="etl", unit=" phase", enabled=progress, leave=False)
         self.progress = progress
 
     @contextmanager

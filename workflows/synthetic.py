@@ -26,9 +26,8 @@ import pyarrow.parquet as pq
 
 
 from merlin_ncf.atomic import atomic_directory, check_replaceable
-from merlin_ncf.errors import EtlError, OneLineArgumentParser, UserError, exit_with
+from merlin_ncf.errors import DefaultsHelpFormatter, EtlError, OneLineArgumentParser, UserError, exit_with, run_cli  # noqa: E402
 from merlin_ncf.workflows.readers import LAYOUTS, ML100K_GENRES
-from merlin_ncf.errors import run_cli  # noqa: E402
 
 GENRES = ML100K_GENRES[1:]
 FIRST_TIMESTAMP = 946_684_800  # 2000-01-01
@@ -233,10 +232,10 @@ def _write_csv(table: pa.Table, sink, delimiter: str = ",") -> None:
 
 def write_release(output: Path, fmt: str, generator: Generator, progress: bool = True) -> dict:
     """Write the log in `fmt`'s own files into `output` (which must exist)."""
-    from tqdm import tqdm
+    from merlin_ncf.progress import progress_bar
 
     rows = 0
-    chunks = tqdm(generator.chunks(), desc=f"synthetic {fmt}", unit=" chunks", disable=not progress,
+    chunks = progress_bar(generator.chunks(), desc=f"synthetic {fmt}", unit=" chunks", enabled=progress,
                   total=int(np.ceil(generator.spec.interactions / generator.spec.rows_per_chunk)))
     if fmt == "parquet":
         writer = None
@@ -306,7 +305,7 @@ def generate(output: str | Path, spec: SyntheticSpec, fmt: str, progress: bool =
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--output", required=True, help="directory to write (replaced atomically)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace --output even if it is a non-empty directory this command did not write")

@@ -27,10 +27,9 @@ import yaml  # noqa: E402
 
 from merlin_ncf import atomic
 from merlin_ncf.workflows import dle_spec  # noqa: E402
-from merlin_ncf.errors import EtlError, OneLineArgumentParser, UserError, exit_with  # noqa: E402
+from merlin_ncf.errors import DefaultsHelpFormatter, EtlError, OneLineArgumentParser, UserError, exit_with, run_cli  # noqa: E402
 from merlin_ncf.feature_spec import FILENAME, TEST, TRAIN, VALIDATION  # noqa: E402
 from merlin_ncf.workflows.readers import ITEM, USER  # noqa: E402
-from merlin_ncf.errors import run_cli  # noqa: E402
 
 LABEL = "label"
 # Categorify's out-of-vocabulary index (docs/pipeline.md): where ids absent from train go.
@@ -187,7 +186,7 @@ def _oov_counts(encoded: pd.DataFrame, per_list: int) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0],
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--spec", type=Path, required=True,
                         help=f"directory holding a DeepLearningExamples {FILENAME}, or the YAML file")
     parser.add_argument("--output", type=Path, required=True, help="ETL directory to write (docs/pipeline.md)")
