@@ -30,6 +30,7 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 
+from device import add_device_argument, require_device  # noqa: E402 - benchmarks/device.py
 from merlin_ncf.errors import DefaultsHelpFormatter, OneLineArgumentParser, run_cli  # noqa: E402
 
 ML20M_ROWS, ML20M_USERS, ML20M_ITEMS = 20_000_263, 138_493, 26_744
@@ -175,13 +176,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the synthetic inputs are generated once and reused (default: a new private "
                              "temporary directory, removed at the end)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
-    parser.add_argument("--device", default="cpu", help="passed to etl.py --device")
+    add_device_argument(parser, help="device of etl.py: cpu, or cuda (cuDF on a CUDA GPU)")
     parser.add_argument("--workers", type=int, default=0, help="passed to etl.py --workers (0 = in-process)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs per size; the fastest is reported (the others only absorb noise)")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     parser.add_argument("--plot", type=Path, help="also plot time per phase and peak memory to this PNG")
     args = parser.parse_args(argv)
+    args.device = require_device(args.device, "etl")  # the ETL stage calls cuda "gpu"
 
     scratch = None if args.data_dir else Path(tempfile.mkdtemp(prefix="merlin-ncf-bench-"))  # private, 0700
     data_dir = args.data_dir or scratch

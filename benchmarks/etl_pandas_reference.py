@@ -11,7 +11,6 @@ Phase times and peak memory are printed as one JSON line (benchmarks/etl.py read
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import time
@@ -19,6 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from device import add_device_argument  # benchmarks/device.py
+from merlin_ncf.errors import OneLineArgumentParser
 
 
 def run(ratings: Path, output: Path, min_user_interactions: int, negatives: int, seed: int) -> dict:
@@ -76,12 +78,14 @@ def run(ratings: Path, output: Path, min_user_interactions: int, negatives: int,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", type=Path, required=True, help="ratings CSV: user, item, rating, timestamp with a header")
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--min-user-interactions", type=int, default=1)
     parser.add_argument("--negatives", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    add_device_argument(parser, help="cpu only: plain pandas has no GPU path (cuda is refused with one line)",
+                        devices=("cpu",))
     args = parser.parse_args()
     print(json.dumps(run(args.input, args.output, args.min_user_interactions, args.negatives, args.seed)))
 

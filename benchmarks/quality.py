@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 
+from device import add_device_argument, require_device  # noqa: E402 - benchmarks/device.py
 from merlin_ncf.errors import EXIT_USER_ERROR, OneLineArgumentParser, UserError, one_line  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +58,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="RecBole's interpreter (the row is skipped when it is absent)")
     p.add_argument("--recbole-args", default="", help="extra recbole_baseline.py flags, e.g. '--epochs 1'")
     p.add_argument("--workdir", type=Path, help="keep training runs here (default: a temporary directory)")
+    add_device_argument(p, help="where train_ncf.py and RecBole train: cpu, or cuda (needs a CUDA GPU; default cpu); "
+                                "the rows are scored here on the CPU")
     args = p.parse_args(argv)
+    require_device(args.device)
     if args.k < 1:
         p.error("--k must be positive")
     if any(not l2 > 0 for l2 in args.ease_l2):
@@ -129,7 +133,7 @@ def model_row(bench: Bench, args, name: str, workdir: Path) -> dict:
 
     run = workdir / f"run-{name}"
     command = [sys.executable, str(REPO / "models" / "train_ncf.py"), "--data", str(args.data), "--output", str(run),
-               "--no-progress", "--model", name, *shlex.split(args.train_args)]
+               "--no-progress", "--model", name, "--device", args.device, *shlex.split(args.train_args)]
     print(f"[{PROG}] {' '.join(command)}", file=sys.stderr, flush=True)
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
@@ -167,7 +171,7 @@ def recbole_row(args, workdir: Path) -> dict | None:
         return None
     out = workdir / "recbole.json"
     command = [str(args.recbole_python), str(REPO / "benchmarks" / "recbole_baseline.py"), "--data", str(args.data),
-               "--k", str(args.k), "--json", str(out), *shlex.split(args.recbole_args)]
+               "--k", str(args.k), "--json", str(out), "--device", args.device, *shlex.split(args.recbole_args)]
     print(f"[{PROG}] {' '.join(command)}", file=sys.stderr, flush=True)
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:

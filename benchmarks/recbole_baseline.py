@@ -36,6 +36,7 @@ os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from device import add_device_argument, require_device  # noqa: E402 - benchmarks/device.py
 from merlin_ncf.atomic import atomic_file  # noqa: E402
 from merlin_ncf.feature_spec import FeatureSpec, FeatureSpecError  # noqa: E402
 
@@ -54,6 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
     parser.add_argument("--seed", type=int, default=2020, help="RecBole's seed (default 2020, its own)")
     parser.add_argument("--json", type=Path, help="also write the summary here")
+    add_device_argument(parser, help="where RecBole trains and scores: cpu, or cuda (needs a CUDA GPU; default cpu)")
     return parser.parse_args(argv)
 
 
@@ -102,9 +104,10 @@ class Scorer:
         if bool((rec_users < 0).any()):
             raise ValueError(f"users unknown to RecBole: {users[rec_users < 0][:5].tolist()}")
         known = rec_items >= 0  # only reserved ids (< first_index) are unknown: masked by the ranking
+        device = next(self.model.parameters()).device
         with torch.no_grad():
-            logits = self.model(rec_users.unsqueeze(1).expand_as(rec_items).reshape(-1),
-                                rec_items.clamp(min=0).reshape(-1)).view(rec_items.shape)
+            logits = self.model(rec_users.unsqueeze(1).expand_as(rec_items).reshape(-1).to(device),
+                                rec_items.clamp(min=0).reshape(-1).to(device)).view(rec_items.shape).cpu()
         return torch.where(known, logits, torch.full_like(logits, float("-inf")))
 
     def score(self, users, items):
@@ -120,6 +123,7 @@ class Scorer:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    require_device(args.device)
     try:
         spec = FeatureSpec.load(args.data)
     except FeatureSpecError as exc:
@@ -152,7 +156,9 @@ def main(argv=None) -> int:
                 "dropout_prob": 0.1, "learning_rate": args.lr, "train_batch_size": args.batch_size,
                 "train_neg_sample_args": {"distribution": "uniform", "sample_num": NEGATIVES},
                 "eval_args": {"mode": "uni100", "order": "RO", "group_by": "user"},
-                "device": "cpu", "use_gpu": False, "show_progress": False,
+                # RecBole picks cuda whenever torch sees a GPU and gpu_id is set: "" keeps cpu on the CPU.
+                "use_gpu": args.device == "cuda", "gpu_id": "0" if args.device == "cuda" else "",
+                "show_progress": False,
                 "checkpoint_dir": str(Path(tmp) / "saved"), "seed": args.seed, "reproducibility": True,
             })
             dataset = create_dataset(config)

@@ -23,6 +23,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from device import add_device_argument, require_device  # benchmarks/device.py
 from merlin_ncf.errors import run_cli
 from merlin_ncf.serving.errors import ServingError
 from merlin_ncf.workflows.cluster import quiet_merlin
@@ -238,11 +239,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--instances", type=int, default=1, help="instances of the workflow and model steps when exporting (default 1)")
     parser.add_argument("--plot", type=Path, help="write p99 latency and requests/s against clients to this PNG")
     parser.add_argument("--seed", type=int, default=0, help="which test lists to send (default 0)")
+    add_device_argument(parser, help="cpu (the Triton steps are CPU instance groups; cuda is refused with one line)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    require_device(args.device, "serving")
     quiet_merlin()
     from merlin_ncf.serving.export import export
     from merlin_ncf.serving.serve import TritonServer

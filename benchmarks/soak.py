@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from device import add_device_argument, require_device  # benchmarks/device.py
 from serving import candidate_lists  # benchmarks/serving.py: a script's folder is sys.path[0]
 from merlin_ncf.serving.errors import ServerUnavailable, ServingError
 from merlin_ncf.errors import run_cli
@@ -220,6 +221,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--retry-for", type=float, default=60.0,
                         help="seconds a client keeps retrying a request while the server is unreachable (default 60)")
     parser.add_argument("--top-k", type=int, default=10, help="K of the top-K requests (default 10)")
+    add_device_argument(parser, help="cpu (the Triton steps are CPU instance groups; cuda is refused with one line)")
     parser.add_argument("--plot", type=Path, help="write the good requests' latency over time to this PNG")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
@@ -227,6 +229,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    require_device(args.device, "serving")
     if not 0 <= args.bad_clients < args.clients:
         raise ServingError("--bad-clients must be >= 0 and leave at least one good client")
     if args.duration <= 0 or args.retry_for < 0:

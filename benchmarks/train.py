@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from device import add_device_argument, require_device  # benchmarks/device.py
+
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = dict(mf_dim=64, mlp_layers=[128, 128, 64], dropout=0.1)
@@ -45,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="samples measured per sweep point (at least 3 batches)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                    help="mixed precision: bf16 autocast on CPU, fp16 + GradScaler on CUDA")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train")
+    add_device_argument(p, help="where to train: cpu, or cuda (needs a CUDA GPU)")
     p.add_argument("--quality-batch", type=int, default=2**18, help="batch size of the quality run (0: skip it)")
     p.add_argument("--quality-epochs", type=int, default=2, help="epochs of the quality run")
     p.add_argument("--quality-processes", type=int, default=2, help="processes of the quality run (torchrun)")
@@ -158,6 +160,7 @@ def quality_run(args, data: Path) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    require_device(args.device)
     if args.worker:
         worker(args)
         return 0
