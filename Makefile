@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO   := demo-output
 
-.PHONY: venv demo test recbole-venv bench-recbole bench-quality clean
+.PHONY: venv demo test check-gpu-lock recbole-venv bench-recbole bench-quality clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# pip's resolver on requirements/gpu.lock against pypi.org, no GPU needed (~3.5 GB of downloads)
+check-gpu-lock: $(STAMP)
+	MERLIN_NCF_RESOLVE_GPU_LOCK=1 $(PY) -m pytest tests/test_environment.py -k resolves -rs
 
 # RecBole 1.2.1 in its own venv (it pins pandas 2, which Merlin 23.08 refuses).
 recbole-venv: .venv-recbole/.installed
