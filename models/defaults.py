@@ -10,6 +10,7 @@ import argparse
 import math
 
 NEGATIVE_SAMPLING = ("uniform", "exclude-seen")
+SELECT = ("hr", "ndcg", "hr+ndcg")  # the validation metric that keeps the best epoch (trainer.selection_score)
 
 # Model options that resolve() sizes below (measured for NeuMF and its branches); the CLI
 # leaves them unset (auto) for these models. Other models keep their class defaults.
@@ -45,6 +46,8 @@ def resolve(args: argparse.Namespace, train_rows: int) -> dict:
         "beta2": 0.5 if large else 0.999,
         "epochs": 30,
         "patience": 3,
+        "select": "hr",
+        "weight_decay": 0.0,
         # exclude-seen tied with uniform on ml-latest-small and the demo (docs/training-defaults.md)
         # and costs a lookup per sample: uniform at every size.
         "negative_sampling": "uniform",

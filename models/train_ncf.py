@@ -22,7 +22,7 @@ from pathlib import Path
 
 from merlin_ncf.models.contract import positive_int
 from merlin_ncf.models.errors import TrainingError
-from merlin_ncf.models.defaults import NEGATIVE_SAMPLING
+from merlin_ncf.models.defaults import NEGATIVE_SAMPLING, SELECT
 from merlin_ncf.models.registry import MODELS, model_class
 from merlin_ncf.errors import EXIT_USER_ERROR, DefaultsHelpFormatter, UserError, one_line, run_cli  # noqa: E402
 
@@ -47,6 +47,16 @@ def positive_float(text: str) -> float:
         value = math.nan
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive finite number")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a non-negative finite number")
     return value
 
 
@@ -106,6 +116,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--beta1", type=unit_interval, help=f"Adam beta1 ({auto})")
     train.add_argument("--beta2", type=unit_interval, help=f"Adam beta2 ({auto})")
     train.add_argument("--eps", type=positive_float, default=1e-8, help="Adam epsilon")
+    train.add_argument("--weight-decay", type=non_negative_float,
+                       help=f"AdamW's decoupled weight decay, 0: plain Adam ({auto})")
     train.add_argument("--grad-accumulation", type=positive_int, default=1,
                        help="micro-batches per optimizer step (batch size is split between them)")
     train.add_argument("--amp", action="store_true",
@@ -124,7 +136,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     evaluation.add_argument("--topk", type=positive_int, default=10, help="K of HR@K, NDCG@K and full Recall@K")
     evaluation.add_argument("--threshold", type=float, default=1.0, help="stop once HR@K reaches this")
     evaluation.add_argument("--patience", type=non_negative_int,
-                            help=f"stop after this many epochs without a better HR@K, 0: never ({auto})")
+                            help=f"stop after this many epochs without a better --select score, 0: never ({auto})")
+    evaluation.add_argument("--select", choices=SELECT,
+                            help=f"validation metric that picks the kept (best) epoch and drives --patience ({auto})")
     evaluation.add_argument("--eval-batch-size", type=positive_int,
                             help=f"candidates scored per forward pass ({auto})")
     args = p.parse_args(argv)

@@ -51,11 +51,13 @@ class TrainOptions:
     beta1: float = 0.25
     beta2: float = 0.5
     eps: float = 1e-8
+    weight_decay: float = 0.0  # AdamW's decoupled decay (0: plain Adam)
     grad_accumulation: int = 1
     amp: bool = False
     topk: int = 10
     threshold: float = 1.0
     patience: int = 0
+    select: str = "hr"  # validation metric that picks the best epoch and drives patience: hr, ndcg, hr+ndcg
     seed: int = 0
     eval_batch_size: int = 2**20  # candidates scored per forward pass
     parts_per_chunk: int = 1
@@ -97,7 +99,8 @@ class State:
     """What survives a restart besides the model and optimizer."""
 
     epoch: int = 0  # epochs completed
-    best_hr: float = -1.0
+    best_hr: float = -1.0  # the validation HR@K at best_epoch
+    best_score: float = -1.0  # the selection metric (TrainOptions.select) at best_epoch
     best_epoch: int = -1
     stale_epochs: int = 0
     steps: int = 0  # optimizer steps taken over all epochs (the loss's `step`)
@@ -112,9 +115,17 @@ def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def selection_score(select: str, hr: float, ndcg: float) -> float:
+    """The validation figure that picks the best epoch (higher is better)."""
+    return {"hr": hr, "ndcg": ndcg, "hr+ndcg": hr + ndcg}[select]
+
+
 def build_optimizer(model: nn.Module, options: TrainOptions, device: torch.device) -> torch.optim.Adam:
-    return torch.optim.Adam(
+    # AdamW with weight_decay 0 is Adam; decoupled decay shrinks every weight by lr x decay per step.
+    adam = torch.optim.AdamW if options.weight_decay else torch.optim.Adam
+    return adam(
         model.parameters(), lr=options.lr, betas=(options.beta1, options.beta2), eps=options.eps,
+        weight_decay=options.weight_decay,
         fused=True,  # on CPU too: 4x faster than the foreach step over the embedding tables here
     )
 
@@ -170,7 +181,9 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        self.state = State(**state["state"])
+        saved = dict(state["state"])
+        saved.setdefault("best_score", saved.get("best_hr", -1.0))  # checkpoints from before --select
+        self.state = State(**saved)
         ckpt.restore_rng(state["rng"])
 
     # --- evaluation -------------------------------------------------------------
@@ -321,7 +334,8 @@ class Trainer:
             )
 
     def fit(self, eval_candidates: Candidates, split: str, on_epoch=None) -> State:
-        """Train until options.epochs, the HR threshold or patience; call on_epoch(record)
+        """Train until options.epochs, the HR threshold or patience (epochs without a better
+        options.select score, which also picks best.pt); call on_epoch(record)
         after each epoch's checkpoint (rank 0 writes them under run_dir/checkpoints)."""
         options, state = self.options, self.state
         first_epoch = state.epoch
@@ -334,11 +348,12 @@ class Trainer:
                 train_samples_per_s=samples / train_time, eval_samples_per_s=eval_rate,
                 epoch_time_s=time.perf_counter() - epoch_start, train_samples=samples,
             )
-            improved = math.isfinite(hr) and hr > state.best_hr  # a NaN HR is never best
+            score = selection_score(options.select, hr, ndcg)
+            improved = math.isfinite(score) and score > state.best_score  # a NaN is never best
             state.epoch = epoch + 1
             state.history.append(asdict(record))
             if improved:
-                state.best_hr, state.best_epoch, state.stale_epochs = hr, epoch + 1, 0
+                state.best_hr, state.best_score, state.best_epoch, state.stale_epochs = hr, score, epoch + 1, 0
             else:
                 state.stale_epochs += 1
             if self.run_dir is not None:

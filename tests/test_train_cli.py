@@ -436,6 +436,9 @@ def test_a_forced_run_killed_early_leaves_no_file_of_the_old_run(planted, refere
     (["--beta1", "1"], "is not in [0, 1)"),
     (["--beta2", "-0.1"], "is not in [0, 1)"),
     (["--beta1", "nan"], "is not in [0, 1)"),
+    (["--weight-decay", "-0.1"], "--weight-decay: '-0.1' is not a non-negative finite number"),
+    (["--weight-decay", "nan"], "is not a non-negative finite number"),
+    (["--select", "loss"], "--select: invalid choice"),
 ])
 def test_bad_optimizer_options_are_one_line_argparse_errors(tmp_path, args, fragment):
     result = run([*TRAIN, "--data", tmp_path, "--output", tmp_path / "run", *args])
@@ -470,6 +473,63 @@ def test_a_non_finite_validation_hit_rate_is_never_best(planted, tmp_path):
     assert state.epoch == 2 and state.best_epoch == -1
     assert not (tmp_path / "checkpoints" / "best.pt").exists()
     assert (tmp_path / "checkpoints" / "last.pt").exists()
+
+
+class ScriptedEvaluation:
+    """Validation (HR, NDCG) per epoch from a script: fit's bookkeeping is under test, not the metric."""
+
+    def __init__(self, script):
+        self.script = script
+
+    def __call__(self, trainer):
+        hr, ndcg = self.script[trainer.state.epoch]
+        return hr, ndcg, 1.0
+
+
+@pytest.mark.parametrize("select, best, epochs", [
+    ("hr", 2, 4),  # HR peaks at epoch 2; two epochs of patience then stop it at 4
+    ("ndcg", 3, 5),  # NDCG peaks later, at epoch 3, and keeps the run going one epoch longer
+    ("hr+ndcg", 3, 5),  # 0.8, 0.85, 0.9, 0.8, 0.7
+])
+def test_select_picks_the_kept_epoch_and_drives_patience(planted, tmp_path, select, best, epochs):
+    from merlin_ncf.models import checkpoint as ckpt
+    from merlin_ncf.models.data import load_candidates, open_etl
+    from merlin_ncf.models.neumf import NeuMF
+    from merlin_ncf.models.trainer import Trainer, TrainOptions
+
+    script = ScriptedEvaluation([(0.5, 0.3), (0.6, 0.25), (0.5, 0.4), (0.45, 0.35), (0.4, 0.3), (0.3, 0.2)])
+
+    class Scripted(Trainer):
+        def evaluate(self, candidates):
+            return script(self)
+
+    data = open_etl(planted)
+    model = NeuMF(data.num_users, data.num_items, mf_dim=8, mlp_layers=[16, 16, 8], dropout=0.0)
+    options = TrainOptions(epochs=6, batch_size=3000, max_steps=1, patience=2, select=select, progress=False)
+    state = Scripted(model, data, options, torch.device("cpu"), run_dir=tmp_path).fit(
+        load_candidates(data, "test"), "validation")
+    assert (state.best_epoch, state.epoch) == (best, epochs)
+    assert state.best_hr == script.script[best - 1][0]  # the kept epoch's HR, whatever picked it
+    assert ckpt.load(tmp_path / "checkpoints" / "best.pt")["state"]["best_epoch"] == best
+
+
+def test_weight_decay_is_adamw_decoupled_decay(planted, tmp_path):
+    from merlin_ncf.models.trainer import TrainOptions, build_optimizer
+    from merlin_ncf.models.train_ncf import main
+
+    for decay in (0.0, 0.5):
+        layer = torch.nn.Linear(4, 3)
+        before = layer.weight.detach().clone()
+        optimizer = build_optimizer(layer, TrainOptions(lr=0.1, weight_decay=decay), torch.device("cpu"))
+        for p in layer.parameters():
+            p.grad = torch.zeros_like(p)  # Adam moves nothing: only the decay acts
+        optimizer.step()
+        torch.testing.assert_close(layer.weight.detach(), before * (1 - 0.1 * decay))
+    out = tmp_path / "run"
+    assert main(["--data", str(planted), "--output", str(out), *SMALL, "--epochs", "1",
+                 "--weight-decay", "0.01", "--select", "ndcg"]) == 0
+    options = json.loads((out / "config.json").read_text())["options"]
+    assert (options["weight_decay"], options["select"]) == (0.01, "ndcg")
 
 
 # --- corrupt inputs ---------------------------------------------------------------------
