@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ServingError(str(exc)) from None
     workloads = {f"{spec.test_samples_per_series} candidates": candidates,
                  f"top-{args.top_k} of all items": all_items_requests(candidates)}
-    workloads = {name: requests for (kind, name), requests in zip(WORKLOADS, workloads.items()) if kind in args.workloads}
+    workloads = {name: requests for (kind, _), (name, requests) in zip(WORKLOADS, workloads.items()) if kind in args.workloads}
     results: list[Measurement] = []
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
 

@@ -76,14 +76,19 @@ class CatalogueScorer(nn.Module):
 
 def catalogue_scorer(run: Path, name: str, probability: bool, popularity: np.ndarray | None,
                      first_index: int) -> torch.jit.ScriptModule | None:
-    """The traced CatalogueScorer of the run's model, or None for a family without one."""
+    """The traced CatalogueScorer of the run's model, or None for a family without one, or a
+    run whose model.ts is not the registry's model as contract.serving_module traces it (an
+    older run): those keep scoring pairs."""
     if name not in FAMILY:
         return None
-    config = json.loads((run / "config.json").read_text())["model"]["config"]
-    model = build_model(name, config)
-    traced = torch.jit.load(str(run / "model.ts"), map_location="cpu")
-    # model.ts is contract.PairScorer(model): its state is the model's under "model.".
-    model.load_state_dict({key.removeprefix("model."): value for key, value in traced.state_dict().items()})
+    try:
+        config = json.loads((run / "config.json").read_text())["model"]["config"]
+        model = build_model(name, config)
+        traced = torch.jit.load(str(run / "model.ts"), map_location="cpu")
+        # model.ts is contract.PairScorer(model): its state is the model's under "model.".
+        model.load_state_dict({key.removeprefix("model."): value for key, value in traced.state_dict().items()})
+    except (OSError, KeyError, TypeError, ValueError, RuntimeError):
+        return None
     scorer = CatalogueScorer(model, probability, popularity, first_index).eval()
     with torch.no_grad():
         return torch.jit.trace(scorer, (torch.tensor([first_index], dtype=torch.int64),), check_trace=False)
