@@ -4,14 +4,15 @@ Exports the run (python flavour) to a temporary repository, starts a real triton
 127.0.0.1, and sends a bounded number of requests with 1, 8 and 32 concurrent clients
 (threads, one connection each), over HTTP and gRPC: 101 candidates per request (the test
 lists of the evaluation protocol, as raw ids) and top-K over all items. The same requests
-are then scored in-process (workflow transform + TorchScript), with NVTabular's pandas
-path and with the compiled ops the server uses. Prints p50/p95/p99 latency, requests/s and
-errors; clients and server share this machine's cores.
-"""
+are scored in-process (workflow encoding + TorchScript: model.pt's pairs, the catalogue
+scorer, NVTabular's pandas path), interleaved with the served ones cell by cell. Prints
+p50/p95/p99 latency, requests/s and errors, each server step's cost per request (Triton's
+statistics) and the load average; clients and server share this machine's cores."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import threading
 import time
@@ -29,6 +30,8 @@ from merlin_ncf.serving.errors import ServingError
 from merlin_ncf.workflows.cluster import quiet_merlin
 from merlin_ncf.feature_spec import FeatureSpec
 
+WORKLOADS = (("candidates", "test lists"), ("all-items", "top-K of every item"))
+TARGETS = ("triton", "in-process", "in-process-catalogue", "in-process-pandas")
 Request = tuple[int, "np.ndarray | None"]  # (raw user, raw candidates or None for every item)
 
 
@@ -41,6 +44,7 @@ class Measurement:
     errors: int = 0
     first_error: str = ""
     wall_s: float = 0.0
+    steps: dict[str, "StepCost"] = field(default_factory=dict)  # Triton targets: per model of the repository
 
     def percentile(self, q: float) -> float:
         return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
@@ -48,6 +52,50 @@ class Measurement:
     @property
     def requests_per_s(self) -> float:
         return len(self.latencies_ms) / self.wall_s if self.wall_s else float("nan")
+
+
+@dataclass
+class StepCost:
+    """One model's share of a run, from Triton's statistics: microseconds per request."""
+    requests: int
+    total_us: float  # request in to response out: queue + compute for a step, end to end for an ensemble
+    queue_us: float
+
+
+def step_statistics(url: str, protocol: str) -> dict[str, dict[str, int]]:
+    """Triton's cumulative per-model counters: successful requests and nanoseconds per phase."""
+    if protocol == "http":
+        import tritonclient.http as api
+
+        options = {}
+    else:
+        import tritonclient.grpc as api
+
+        options = {"as_json": True}
+    client = api.InferenceServerClient(url)
+    try:
+        stats = client.get_inference_statistics(**options)
+    finally:
+        client.close()
+    counters = {}
+    for model in stats["model_stats"]:
+        phases = model["inference_stats"]
+        counters[model["name"]] = {"requests": int(phases["success"].get("count", 0)),
+                                   **{phase: int(phases[phase].get("ns", 0)) for phase in STEP_PHASES}}
+    return counters
+
+
+STEP_PHASES = ("success", "queue")
+
+
+def step_costs(before: dict, after: dict) -> dict[str, StepCost]:
+    costs = {}
+    for name, end in after.items():
+        start = before.get(name, dict.fromkeys(end, 0))
+        requests = end["requests"] - start["requests"]
+        if requests > 0:
+            costs[name] = StepCost(requests, *((end[phase] - start[phase]) / requests / 1e3 for phase in STEP_PHASES))
+    return costs
 
 
 def run_load(target: str, workload: str, connect: Callable[[], Callable[[Request], object]],
@@ -149,16 +197,21 @@ def served(url: str, protocol: str, top_k: int) -> Callable[[], Callable[[Reques
     return connect
 
 
-def in_process(repository: Path, compiled: bool, top_k: int) -> Callable[[], Callable[[Request], object]]:
-    """The exported workflow step's encoding and the TorchScript, called directly."""
+def in_process(repository: Path, compiled: bool, top_k: int, catalogue: bool = False) -> Callable[[], Callable[[Request], object]]:
+    """The exported workflow step's encoding and the TorchScript, called directly: model.pt
+    scoring (user, item) pairs, or with `catalogue` the model step's catalogue.pt ranking every
+    item in one pass (serving/catalogue.py), as the server's model step does."""
     import torch
 
     from merlin_ncf.serving.checks import load_request_encoder
-    from merlin_ncf.serving.names import MODEL_STEP
+    from merlin_ncf.serving.names import CATALOGUE_FILE, MODEL_STEP
     from merlin_ncf.serving.repository import VERSION
+    from merlin_ncf.serving.triton_models.ranking import best_first
 
     encoder = load_request_encoder(repository, compiled=compiled)
-    model = torch.jit.load(str(repository / MODEL_STEP / VERSION / "model.pt"), map_location="cpu").eval()
+    step = repository / MODEL_STEP / VERSION
+    model = torch.jit.load(str(step / "model.pt"), map_location="cpu").eval()
+    every_item = torch.jit.load(str(step / CATALOGUE_FILE), map_location="cpu").eval() if catalogue else None
     torch.set_num_threads(1)  # as the server's model step: concurrency comes from the clients
 
     def connect():
@@ -166,8 +219,13 @@ def in_process(repository: Path, compiled: bool, top_k: int) -> Callable[[], Cal
             user, items = request
             users, encoded_items, raw_items = encoder.encode(np.array([user]), items)
             with torch.inference_mode():
-                scores = model(torch.from_numpy(users), torch.from_numpy(encoded_items)).numpy()
+                if every_item is not None and items is None:
+                    scores = every_item(torch.from_numpy(users[:1]))[torch.from_numpy(encoded_items)].numpy()
+                else:
+                    scores = model(torch.from_numpy(users), torch.from_numpy(encoded_items)).numpy()
             if items is None:
+                if every_item is not None:
+                    return raw_items[best_first(raw_items, scores, top_k)]
                 return raw_items[np.argsort(-scores, kind="stable")[:top_k]]
             return scores
 
@@ -194,6 +252,24 @@ def print_table(results: list[Measurement]) -> None:
     for r in results:
         if r.errors:
             print(f"{r.target} {r.workload} x{r.concurrency}: first error: {r.first_error}")
+
+
+def print_step_table(results: list[Measurement]) -> None:
+    """Where a served request's time goes: each step's queue and compute time per request."""
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = [r for r in results if r.steps]
+    if not rows:
+        return
+    names = list(dict.fromkeys(name for r in rows for name in r.steps))
+    table = Table(title="per-step cost on the server: us per request, in queue (us) for steps; ensembles end to end")
+    for column in ("target", "workload", "clients", *names):
+        table.add_column(column, justify="left" if column in ("target", "workload") else "right")
+    for r in rows:
+        cells = [f"{r.steps[n].total_us:.0f} ({r.steps[n].queue_us:.0f})" if n in r.steps else "" for n in names]
+        table.add_row(r.target, r.workload, str(r.concurrency), *cells)
+    Console(width=160).print(table)
 
 
 def plot(results: list[Measurement], path: Path) -> None:
@@ -240,6 +316,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--plot", type=Path, help="write p99 latency and requests/s against clients to this PNG")
     parser.add_argument("--seed", type=int, default=0, help="which test lists to send (default 0)")
     add_device_argument(parser, help="cpu (the Triton steps are CPU instance groups; cuda is refused with one line)")
+    parser.add_argument("--workloads", nargs="+", choices=[kind for kind, _ in WORKLOADS], default=[kind for kind, _ in WORKLOADS],
+                        help="candidates: the test lists (101 raw ids each); all-items: top-K over every item (default both)")
+    parser.add_argument("--targets", nargs="+", choices=TARGETS, default=list(TARGETS),
+                        help="triton: the served ensemble; in-process: workflow encoding + model.pt pairs; "
+                        "in-process-catalogue: + catalogue.pt for all items (NeuMF family); in-process-pandas: "
+                        "NVTabular's pandas Workflow path for the encoding (default all)")
     return parser.parse_args(argv)
 
 
@@ -262,12 +344,35 @@ def main(argv: list[str] | None = None) -> int:
         raise ServingError(str(exc)) from None
     workloads = {f"{spec.test_samples_per_series} candidates": candidates,
                  f"top-{args.top_k} of all items": all_items_requests(candidates)}
+    workloads = {name: requests for (kind, _), (name, requests) in zip(WORKLOADS, workloads.items()) if kind in args.workloads}
     results: list[Measurement] = []
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
 
-    def measure(target: str, connect) -> None:
+    def measure(targets: dict) -> None:
+        # Interleaved: every target runs each (workload, clients) cell before the next cell.
         for workload, requests in workloads.items():
             for clients in args.concurrency:
-                results.append(run_load(target, workload, connect, requests, clients, args.warmup))
+                for target, (connect, statistics) in targets.items():
+                    before = statistics() if statistics else {}
+                    results.append(run_load(target, workload, connect, requests, clients, args.warmup))
+                    if statistics:
+                        results[-1].steps = step_costs(before, statistics())
+
+    def in_process_targets() -> dict:
+        targets = {}
+        if "in-process" in args.targets:
+            targets["in-process, compiled ops"] = (in_process(repository, compiled=True, top_k=args.top_k), None)
+        if "in-process-catalogue" in args.targets and (repository / "model" / "1" / "catalogue.pt").is_file():
+            targets["in-process, catalogue"] = (in_process(repository, True, args.top_k, catalogue=True), None)
+        if "in-process-pandas" in args.targets:
+            targets["in-process, Workflow pandas"] = (in_process(repository, compiled=False, top_k=args.top_k), None)
+        return targets
+
+    def triton_targets(urls: dict[str, str]) -> dict:
+        if "triton" not in args.targets:
+            return {}
+        return {f"triton {protocol}": (served(url, protocol, args.top_k), lambda u=url, p=protocol: step_statistics(u, p))
+                for protocol, url in urls.items() if url and protocol in args.protocols}
 
     with tempfile.TemporaryDirectory() as scratch:
         repository = args.repository
@@ -275,18 +380,14 @@ def main(argv: list[str] | None = None) -> int:
             repository = Path(scratch) / "repo"
             export(args.data, args.run, repository, flavour="python", top_k=args.top_k, instances=args.instances,
                    log=lambda *_: None)
-        if args.http_url or args.grpc_url:  # a server already serving this repository
-            for protocol, url in (("http", args.http_url), ("grpc", args.grpc_url)):
-                if url and protocol in args.protocols:
-                    measure(f"triton {protocol}", served(url, protocol, args.top_k))
+        if args.http_url or args.grpc_url or "triton" not in args.targets:  # a server already serving this repository
+            measure({**triton_targets({"http": args.http_url, "grpc": args.grpc_url}), **in_process_targets()})
         else:
             with TritonServer(repository) as server:
-                for protocol in args.protocols:
-                    url = server.http_url if protocol == "http" else server.grpc_url
-                    measure(f"triton {protocol}", served(url, protocol, args.top_k))
-        measure("in-process, compiled ops", in_process(repository, compiled=True, top_k=args.top_k))
-        measure("in-process, Workflow pandas", in_process(repository, compiled=False, top_k=args.top_k))
+                measure({**triton_targets({"http": server.http_url, "grpc": server.grpc_url}), **in_process_targets()})
+    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print_table(results)
+    print_step_table(results)
     if args.plot:
         plot(results, args.plot)
         print(f"plot: {args.plot}")

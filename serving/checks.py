@@ -13,7 +13,7 @@ from merlin_ncf.atomic import check_replaceable
 from merlin_ncf.errors import UserError
 from merlin_ncf.serving.errors import ServingError
 from merlin_ncf.serving.inputs import ExportInputs, load_torchscript
-from merlin_ncf.serving.names import MODEL_STEP, SCORES_ENSEMBLE, WORKFLOW_STEP
+from merlin_ncf.serving.names import CATALOGUE_FILE, MODEL_STEP, SCORES_ENSEMBLE, WORKFLOW_STEP
 from merlin_ncf.serving.repository import VERSION, read_config
 
 REPOSITORY_KIND = "repository"  # merlin_ncf.atomic's marker in every repository export writes
@@ -72,6 +72,21 @@ def check_scoring(repo: Path, inputs: ExportInputs) -> None:
     if inputs.run.score_kind == "probability" and (scores.min() < 0 or scores.max() > 1):
         raise ServingError(f"{inputs.torchscript} returned scores outside [0, 1]: its run's output is "
                            f"{inputs.run.output!r}, so model.ts must return probabilities")
+    check_catalogue(repo, pairs_user[0], items, scores[:-1])
+
+
+def check_catalogue(repo: Path, user: int, items: np.ndarray, expected) -> None:
+    """The model step's catalogue.pt (if any) must give every item model.pt's score."""
+    import torch
+
+    path = repo / MODEL_STEP / VERSION / CATALOGUE_FILE
+    if not path.is_file():
+        return
+    with torch.inference_mode():
+        scores = load_torchscript(path)(torch.tensor([user]))[torch.from_numpy(items)]
+    if not torch.allclose(scores, expected, atol=1e-5, rtol=0):
+        worst = float((scores - expected).abs().max())
+        raise ServingError(f"{path} scores differ from model.pt's by up to {worst:.2e} (a bug in serving/catalogue.py)")
 
 
 def verify_with_server(repo: Path, inputs: ExportInputs, flavour: str, recommend: bool) -> None:

@@ -50,10 +50,12 @@ def export(data: Path, run: Path, output: Path, flavour: str = "auto", top_k: in
     check_output(output, data, run, overwrite)
     inputs = locate_inputs(data, run)
     flavour = resolve_flavour(flavour)
+    popularity = None
     if unknown_ids == "popularity":
-        from merlin_ncf.serving.history import with_popularity
+        from merlin_ncf.serving.history import item_popularity, with_popularity
 
-        inputs.model = with_popularity(inputs.model, inputs.spec)
+        popularity = item_popularity(inputs.spec)
+        inputs.model = with_popularity(inputs.model, popularity, inputs.spec.first_item_index)
     with atomic_directory(output, kind=REPOSITORY_KIND) as staging:
         log(f"workflow step from {inputs.workflow_dir}")
         steps.write_workflow_step(staging, inputs, unknown_ids, instances, top_k or 10, exclude_seen)
@@ -62,7 +64,13 @@ def export(data: Path, run: Path, output: Path, flavour: str = "auto", top_k: in
         if flavour == "libtorch":
             steps.write_libtorch_model_step(staging, inputs)
         else:
-            steps.write_python_model_step(staging, inputs, instances)
+            from merlin_ncf.serving.catalogue import catalogue_scorer
+
+            catalogue = catalogue_scorer(run, inputs.run.name, inputs.run.score_kind == "probability", popularity,
+                                         inputs.spec.first_item_index)
+            if catalogue is not None:
+                log("ranking every item: one pass over the catalogue (item half of the first MLP layer precomputed)")
+            steps.write_python_model_step(staging, inputs, instances, catalogue)
         ensembles.write_scores_ensemble(staging, inputs)
         if top_k:
             log(f"top-K step (default K={top_k}) with titles from {inputs.items_table}")

@@ -56,5 +56,5 @@ class UnknownUsersByPopularity(torch.nn.Module):
         return torch.where(unknown, self.popularity[item], scores)
 
 
-def with_popularity(model: torch.jit.ScriptModule, spec: FeatureSpec) -> torch.jit.ScriptModule:
-    return torch.jit.script(UnknownUsersByPopularity(model, item_popularity(spec), spec.first_item_index))
+def with_popularity(model: torch.jit.ScriptModule, popularity: np.ndarray, first_index: int) -> torch.jit.ScriptModule:
+    return torch.jit.script(UnknownUsersByPopularity(model, popularity, first_index))

@@ -75,7 +75,8 @@ def write_workflow_step(repo: Path, inputs: ExportInputs, unknown_ids: str, inst
     write_config(repo / n.WORKFLOW_STEP, config)
 
 
-def write_python_model_step(repo: Path, inputs: ExportInputs, instances: int) -> None:
+def write_python_model_step(repo: Path, inputs: ExportInputs, instances: int, catalogue=None) -> None:
+    """`catalogue`: the run's serving/catalogue.py scorer (every item for one user), if its family has one."""
     import torch
 
     version_dir = _python_model(repo / n.MODEL_STEP, MODEL_SOURCES / "model" / "model.py")
@@ -84,6 +85,9 @@ def write_python_model_step(repo: Path, inputs: ExportInputs, instances: int) ->
     config.input.extend([tensor(mc.ModelInput, inputs.user, mc.TYPE_INT64), tensor(mc.ModelInput, inputs.item, mc.TYPE_INT64)])
     config.output.append(tensor(mc.ModelOutput, n.SCORE, mc.TYPE_FP32))
     set_parameters(config, **{n.USER_COLUMN: inputs.user, n.ITEM_COLUMN: inputs.item, n.TORCH_THREADS: 1})
+    if catalogue is not None:
+        torch.jit.save(catalogue, str(version_dir / n.CATALOGUE_FILE))
+        set_parameters(config, **{n.CATALOGUE_ROWS: inputs.spec.num_items})
     describe_scores(config, inputs)
     write_config(repo / n.MODEL_STEP, config)
 
@@ -113,7 +117,7 @@ def write_libtorch_model_step(repo: Path, inputs: ExportInputs) -> None:
 def write_top_k_step(repo: Path, inputs: ExportInputs) -> None:
     import pandas as pd
 
-    version_dir = _python_model(repo / n.TOP_K_STEP, MODEL_SOURCES / "top_k" / "model.py")
+    version_dir = _python_model(repo / n.TOP_K_STEP, MODEL_SOURCES / "top_k" / "model.py", MODEL_SOURCES / "ranking.py")
     items = pd.read_parquet(inputs.items_table)
     if "raw_item_id" not in items.columns:
         raise ServingError(f"{inputs.items_table} has no raw_item_id column")

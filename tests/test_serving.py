@@ -143,7 +143,9 @@ def test_served_scores_equal_in_process_scores(client, reference):
     np.testing.assert_allclose(pairs, expected, atol=1e-5, rtol=0)
 
 
-def test_served_top_k_equals_in_process_ranking(client, reference):
+def test_served_top_k_equals_in_process_ranking(client, reference, repository):
+    # NeuMF ranks every item through its catalogue scorer (serving/catalogue.py), not pairs.
+    assert (repository / "model" / "1" / "catalogue.pt").is_file()
     user = int(reference.users[7])
     top = client.recommend(user, top_k=10)  # among every item the user has not interacted with
     expected_items, expected_scores = reference.ranking(user, reference.unseen_items(user), 10)
@@ -245,8 +247,14 @@ def test_benchmark_runs_and_reports_no_failed_request(serving_data, repository, 
                            "--protocols", "grpc", "--plot", str(plot)],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    rows = [line for line in done.stdout.splitlines() if "│" in line and ("triton" in line or "in-process" in line)]
-    assert len(rows) == 3 * 2 * 2  # (grpc, in-process x2) x (candidates, all items) x (1, 4 clients)
+    latency, steps = done.stdout.split("per-step cost")
+
+    def rows(table: str) -> list[str]:
+        return [line for line in table.splitlines() if "│" in line and ("triton" in line or "in-process" in line)]
+
+    # (grpc, in-process: pairs, catalogue, pandas) x (candidates, all items) x (1, 4 clients)
+    assert len(rows(latency)) == 4 * 2 * 2
+    assert len(rows(steps)) == 2 * 2 and "load average at end" in done.stdout  # the server's steps: grpc only
     assert plot.stat().st_size > 0
 
 

@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from common import answer_each, input_array
+from ranking import best_first
 from names import CANDIDATE_ID, ITEM_ID, ITEMS_FILE, SCORE, TITLE, TOP_K
 
 
@@ -22,9 +23,6 @@ class TritonPythonModel:
             candidates = np.array([c.decode() for c in candidates], dtype=np.object_)
         scores = input_array(request, SCORE).reshape(-1)
         k = input_array(request, TOP_K).reshape(-1)  # checked by the workflow step
-        # Each candidate once (its first occurrence), best score first, ties in request order.
-        _, first = np.unique(candidates, return_index=True)
-        first.sort()
-        best = first[np.argsort(-scores[first], kind="stable")][: int(k[0])]
+        best = best_first(candidates, scores, int(k[0]))
         titles = np.array([self.titles.get(i, "").encode() for i in candidates[best]], dtype=np.object_)
         return {ITEM_ID: candidates[best], SCORE: scores[best], TITLE: titles}
