@@ -9,18 +9,16 @@ Defaults are the paper's stack, six 2 x 2 stride-2 convolutions of 32 channels; 
 configuration is --cnn-kernels 4 4 2 2 --cnn-strides 4 4 2 2 --cnn-channels 32 32 32 32.
 
 Speed. The map is never built when the first convolution's kernel equals its stride (the
-paper's and RecBole's stacks): with p, q the embeddings cut into blocks of k,
-conv1(p q^T)[c, a, b] = sum_j L[a, j, c] q[k b + j] with L = sum_i W[c, i, j] p[k a + i]
-depending on the user only, so L is computed once per row of candidates (a triple's
-positive and negative, an evaluation list's 1 + K) and one bmm gives all candidates' first
-layer, already channels-last (transposed, which the later convolutions' transposed kernels
-undo). Later convolutions run channels-last, bf16 under autocast.
-Measured on this shared 2-core machine, one thread each, RecBole's 4,4,2,2 stack, 2,048
-triples per batch: one RecBole 1.2.1 ConvNCF epoch on ml-latest-small (81,200 triples)
-134.5 s; ours 29.5 s (bf16) / 40.2 s (fp32) for the same number of triples. Tried and
-dropped: all layers as Z-ordered patches + GEMMs (slower: its permutes cost more than
-oneDNN's convolutions), later layers as patch GEMMs (no clear gain: oneDNN's backward of
-these small convolutions is ~6x their forward, but the patch copies cost as much).
+paper's and RecBole's stacks): its first layer is a bmm over the user's side, computed once per
+row of candidates (a triple's positive and negative, an evaluation list's 1 + K, a catalogue
+chunk), and the item embeddings (see _first_layers). When the second convolution's kernel also
+equals its stride, that bmm writes the first layer's map directly in the second layer's patch
+order, so the second layer is one GEMM with no copy, and _FirstTwoLayers runs both in chunks
+that fit in L2, recomputing the map in backward: the map (8,192 values a pair with RecBole's
+stack, the model's largest tensor) never goes to memory. Later kernel = stride layers are
+GEMMs over their patches; all of it bf16 under autocast, the last 32 -> 1 layer in fp32.
+On the old path (one bmm, then oneDNN convolutions) ReLU's backward over the map, on
+mismatched layouts, took 40% of a step. Figures: docs/benchmarks.md (benchmarks/convncf.py).
 """
 
 from __future__ import annotations
@@ -88,9 +86,12 @@ def first_two_layers(item: torch.Tensor, user: torch.Tensor, weight: torch.Tenso
 class ConvNCF(Recommender):
     input_type = "pairwise"
     # RecBole's: Adam lr 1e-3 (default betas), 2,048 triples (4,096 scored pairs) per batch.
-    train_defaults = dict(batch_size=4096, lr=1e-3, beta1=0.9, beta2=0.999, eval_batch_size=2**11)
-    # Each scored pair holds a 32 x 32 x channels first-layer map: 2^11 pairs ~ 256 MB.
-    score_all_chunk = 2**11
+    # The first-layer map is built chunk by chunk (CHUNK_ELEMENTS); what a scored pair keeps is
+    # its second layer's output (512 values with RecBole's stack), so 2^14 pairs take ~32 MB and
+    # one score() call covers a user's whole catalogue (ml-latest-small's 9,742 items): the
+    # user side once per user.
+    train_defaults = dict(batch_size=4096, lr=1e-3, beta1=0.9, beta2=0.999, eval_batch_size=2**14)
+    score_all_chunk = 2**14
 
     def __init__(self, nb_users: int, nb_items: int, embedding_size: int = 64,
                  cnn_channels: tuple[int, ...] | list[int] = (32,) * 6,

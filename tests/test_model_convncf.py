@@ -30,6 +30,15 @@ def test_candidate_lists_score_like_recboles_pairs(config):
         torch.testing.assert_close(model.score(user, items), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_score_all_ranks_the_catalogue_like_recboles_pairs():
+    torch.manual_seed(3)
+    model = ConvNCF(6, 700, **RECBOLE).eval()  # 700 items: several chunks of the fused first layers
+    users = torch.tensor([0, 4, 5])
+    with torch.no_grad():
+        expected = recbole_forward(model, users.repeat_interleave(700), torch.arange(700).repeat(3)).view(3, 700)
+        torch.testing.assert_close(model.score_all(users), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_loss_is_recboles_bpr_sum_plus_l2_norms():
     torch.manual_seed(1)
     model = ConvNCF(10, 12, reg_weights=[0.1, 0.05], **RECBOLE).eval()
