@@ -6,7 +6,7 @@ the full-catalogue ranking of every user and the test metrics of both after equa
 Settings are RecBole's ConvNCF defaults on both sides: embeddings 64, four convolutions of 32
 channels with kernels = strides 4, 4, 2, 2, dropout 0.2, L2 weights 0.1 / 0.1, BPR with one
 uniform negative, Adam lr 1e-3, 2,048 triples per step. RecBole (benchmarks/recbole_baseline.py
-in .venv-recbole), then ours (train_ncf.py --amp: bf16 autocast), each training --epochs epochs
+in .venv-recbole), then ours (train_ncf.py; --amp: in bf16 autocast), each training --epochs epochs
 on our exact train positives; an epoch's seconds are its training pass only (negative sampling
 included, evaluation not). Both are scored by models/ranking.py on our test lists (sampled
 HR@K / NDCG@K); ours also ranks every test user against the whole catalogue (full Recall@K /
@@ -38,6 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=1, help="epochs each side trains (default 1)")
     p.add_argument("--threads", type=int, default=2, help="torch threads, both sides (default 2)")
     p.add_argument("--seed", type=int, default=2020, help="seed, both sides (default 2020)")
+    p.add_argument("--amp", action="store_true", help="ours in bf16 autocast (default fp32: with 2 threads the "
+                   "chunked bf16 GEMMs were slower)")
     p.add_argument("--out", type=Path, default=Path("/tmp/merlin-ncf-convncf-bench"),
                    help="runs, convncf.json and convncf.png go here")
     return p.parse_args(argv)
@@ -96,12 +98,13 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     load_start = os.getloadavg()
     recbole = train_recbole(args)
-    ours = train_ours(args, "ours-bf16", "--amp")
+    precision = "bf16 autocast" if args.amp else "fp32"
+    ours = train_ours(args, "ours", *(["--amp"] if args.amp else []))
     load_end = os.getloadavg()
 
     mean = lambda values: sum(values) / len(values)  # noqa: E731
     recbole_s, ours_s = mean(recbole["epoch_seconds"]), mean(ours["epoch_seconds"])
-    rows = [("RecBole 1.2.1 (fp32)", recbole_s), ("ours (bf16 autocast)", ours_s)]
+    rows = [("RecBole 1.2.1 (fp32)", recbole_s), (f"ours ({precision})", ours_s)]
     results = {"recbole": recbole["test"], "ours": ours["test"]}
     users = int(recbole["test"].get("users", 610))
     print(f"ConvNCF on {args.data}, {args.epochs} epoch(s) each, {args.threads} threads, "
