@@ -1,10 +1,12 @@
-"""RecBole 1.2.1's NeuMF trained on our train positives and scored on OUR lists and split.
+"""RecBole 1.2.1's NeuMF (or ConvNCF) trained on our train positives and scored on OUR lists and split.
 
 RecBole lives in its own environment (it pins packages that clash with Merlin's): run
 `make bench-recbole DATA=<etl dir>`, which builds .venv-recbole/ and calls this script, or
 let benchmarks/quality.py call it for its RecBole row.
 
     .venv-recbole/bin/python benchmarks/recbole_baseline.py --data ETL_DIR [--json OUT]
+    .venv-recbole/bin/python benchmarks/recbole_baseline.py --data ETL_DIR --model ConvNCF --epochs 1 \
+        --no-validation --no-full      # benchmarks/convncf.py's RecBole side
 
 RecBole trains on exactly our train positives (its pre-split "benchmark files"), with its
 own uniform negatives (4 per positive) and its NeuMF defaults (embeddings 64, MLP [128, 64],
@@ -40,13 +42,30 @@ from device import add_device_argument, require_device  # noqa: E402 - benchmark
 from merlin_ncf.atomic import atomic_file  # noqa: E402
 from merlin_ncf.feature_spec import FeatureSpec, FeatureSpecError  # noqa: E402
 
-NEGATIVES = 4
+# RecBole's own defaults for each model (its properties/model/*.yaml), negatives per positive
+# and how many (user, item) pairs one forward pass scores (ConvNCF builds a 64 x 64 map each).
+MODELS = {
+    "NeuMF": dict(negatives=4, per_pass=2**18, describe="NeuMF (emb 64, MLP [128,64], dropout 0.1, 4 negatives)",
+                  config={"mf_embedding_size": 64, "mlp_embedding_size": 64, "mlp_hidden_size": [128, 64],
+                          "dropout_prob": 0.1}),
+    "ConvNCF": dict(negatives=1, per_pass=2**12,
+                    describe="ConvNCF (emb 64, channels 32 x 4, kernels = strides 4,4,2,2, dropout 0.2, "
+                             "reg 0.1/0.1, BPR, 1 negative)",
+                    config={"embedding_size": 64, "cnn_channels": [1, 32, 32, 32, 32], "cnn_kernels": [4, 4, 2, 2],
+                            "cnn_strides": [4, 4, 2, 2], "dropout_prob": 0.2, "reg_weights": [0.1, 0.1],
+                            "train_method": "no_pretrain"}),
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, type=Path, help="ETL output directory (with feature_spec.yaml)")
+    parser.add_argument("--model", choices=sorted(MODELS), default="NeuMF", help="RecBole model (default NeuMF)")
     parser.add_argument("--epochs", type=int, default=100, help="maximum training epochs (default 100)")
+    parser.add_argument("--no-validation", dest="validation", action="store_false",
+                        help="train exactly --epochs epochs, scoring no validation lists")
+    parser.add_argument("--no-full", dest="full", action="store_false",
+                        help="sampled test metrics only (RecBole's ConvNCF would take hours over the catalogue)")
     parser.add_argument("--patience", type=int, default=10,
                         help="stop after this many epochs without a better validation HR@K (default 10)")
     parser.add_argument("--batch-size", type=int, default=2048, help="RecBole train_batch_size (default 2048)")
@@ -133,14 +152,15 @@ def main(argv=None) -> int:
     import torch
     from recbole.config import Config
     from recbole.data import create_dataset, data_preparation
-    from recbole.model.general_recommender import NeuMF
+    from recbole.model import general_recommender
     from recbole.trainer import Trainer
 
     from merlin_ncf.models.ranking import SeenItems, evaluate, read_lists, train_matrix
 
     torch.set_num_threads(args.threads)
     test_lists = read_lists(spec, "test")
-    valid_lists = read_lists(spec, "validation") if spec.has_mapping("validation") else None
+    valid_lists = read_lists(spec, "validation") if spec.has_mapping("validation") and args.validation else None
+    reference = MODELS[args.model]
     seen = SeenItems.from_csr(train_matrix(spec))
     home = os.getcwd()
     start = time.perf_counter()
@@ -148,13 +168,12 @@ def main(argv=None) -> int:
         os.chdir(tmp)  # RecBole writes log/ and log_tensorboard/ into the working directory
         try:
             write_atomic_files(spec, Path(tmp))
-            config = Config(model="NeuMF", dataset="ours", config_dict={
+            config = Config(model=args.model, dataset="ours", config_dict={
                 "data_path": tmp,
                 "benchmark_filename": ["train", "valid", "test"],
                 "load_col": {"inter": ["user_id", "item_id"], "item": ["item_id"]},
-                "mf_embedding_size": 64, "mlp_embedding_size": 64, "mlp_hidden_size": [128, 64],
-                "dropout_prob": 0.1, "learning_rate": args.lr, "train_batch_size": args.batch_size,
-                "train_neg_sample_args": {"distribution": "uniform", "sample_num": NEGATIVES},
+                **reference["config"], "learning_rate": args.lr, "train_batch_size": args.batch_size,
+                "train_neg_sample_args": {"distribution": "uniform", "sample_num": reference["negatives"]},
                 "eval_args": {"mode": "uni100", "order": "RO", "group_by": "user"},
                 # RecBole picks cuda whenever torch sees a GPU and gpu_id is set: "" keeps cpu on the CPU.
                 "use_gpu": args.device == "cuda", "gpu_id": "0" if args.device == "cuda" else "",
@@ -163,10 +182,10 @@ def main(argv=None) -> int:
             })
             dataset = create_dataset(config)
             train_data, _, _ = data_preparation(config, dataset)
-            model = NeuMF(config, train_data.dataset)
+            model = getattr(general_recommender, args.model)(config, train_data.dataset)
             trainer = Trainer(config, model)
-            scorer = Scorer(model, dataset, spec)
-            samples_per_epoch = len(train_data.dataset) * (1 + NEGATIVES)
+            scorer = Scorer(model, dataset, spec, reference["per_pass"])
+            samples_per_epoch = len(train_data.dataset) * (1 + reference["negatives"])
             epochs, best, best_state, stale = [], -1.0, None, 0
             for epoch in range(args.epochs):
                 epoch_start = time.perf_counter()
@@ -191,15 +210,17 @@ def main(argv=None) -> int:
             if best_state is not None:
                 model.load_state_dict(best_state)
                 best_epoch = max(epochs, key=lambda r: r["validation"][f"hr@{args.k}"])["epoch"]
-            test = evaluate(scorer.score, scorer.score_all, *test_lists, seen, spec.first_item_index, args.k)
+            test = evaluate(scorer.score, scorer.score_all, *test_lists, seen, spec.first_item_index, args.k,
+                            full=args.full)
         finally:
             os.chdir(home)
 
     steady = epochs[1:] or epochs
     summary = {
-        "reference": f"RecBole NeuMF (emb 64, MLP [128,64], dropout 0.1, {NEGATIVES} negatives)",
+        "reference": f"RecBole {reference['describe']}",
         "batch_size": args.batch_size, "lr": args.lr, "epochs": len(epochs), "best_epoch": best_epoch,
         "fit_s": fit_seconds, "train_samples_per_s": sum(e["samples_per_s"] for e in steady) / len(steady),
+        "epoch_seconds": [e["seconds"] for e in epochs], "threads": args.threads,
         "test": test,
     }
     print(json.dumps(summary))

@@ -9,18 +9,16 @@ Defaults are the paper's stack, six 2 x 2 stride-2 convolutions of 32 channels; 
 configuration is --cnn-kernels 4 4 2 2 --cnn-strides 4 4 2 2 --cnn-channels 32 32 32 32.
 
 Speed. The map is never built when the first convolution's kernel equals its stride (the
-paper's and RecBole's stacks): with p, q the embeddings cut into blocks of k,
-conv1(p q^T)[c, a, b] = sum_j L[a, j, c] q[k b + j] with L = sum_i W[c, i, j] p[k a + i]
-depending on the user only, so L is computed once per row of candidates (a triple's
-positive and negative, an evaluation list's 1 + K) and one bmm gives all candidates' first
-layer, already channels-last (transposed, which the later convolutions' transposed kernels
-undo). Later convolutions run channels-last, bf16 under autocast.
-Measured on this shared 2-core machine, one thread each, RecBole's 4,4,2,2 stack, 2,048
-triples per batch: one RecBole 1.2.1 ConvNCF epoch on ml-latest-small (81,200 triples)
-134.5 s; ours 29.5 s (bf16) / 40.2 s (fp32) for the same number of triples. Tried and
-dropped: all layers as Z-ordered patches + GEMMs (slower: its permutes cost more than
-oneDNN's convolutions), later layers as patch GEMMs (no clear gain: oneDNN's backward of
-these small convolutions is ~6x their forward, but the patch copies cost as much).
+paper's and RecBole's stacks): its first layer is a bmm over the user's side, computed once per
+row of candidates (a triple's positive and negative, an evaluation list's 1 + K, a catalogue
+chunk), and the item embeddings (see _first_layers). When the second convolution's kernel also
+equals its stride, that bmm writes the first layer's map directly in the second layer's patch
+order, so the second layer is one GEMM with no copy, and _FirstTwoLayers runs both in chunks
+that fit in L2, recomputing the map in backward: the map (8,192 values a pair with RecBole's
+stack, the model's largest tensor) never goes to memory. Later kernel = stride layers are
+GEMMs over their patches; all of it bf16 under autocast, the last 32 -> 1 layer in fp32.
+On the old path (one bmm, then oneDNN convolutions) ReLU's backward over the map, on
+mismatched layouts, took 40% of a step. Figures: docs/benchmarks.md (benchmarks/convncf.py).
 """
 
 from __future__ import annotations
@@ -32,12 +30,68 @@ from torch.nn import functional as F
 from merlin_ncf.models.contract import DataFacts, PairwiseBatch, Recommender, positive_int
 
 
+CHUNK_ELEMENTS = 2**18  # first-layer values per chunk: 512 KB in bf16, so a chunk stays in L2
+
+
+def _chunks(total: int, per_row: int):
+    step = max(1, CHUNK_ELEMENTS // per_row)
+    return [slice(lo, min(lo + step, total)) for lo in range(0, total, step)]
+
+
+def _second_layer(item: torch.Tensor, user: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    first = F.relu(torch.bmm(item, user))  # [n, (candidates, B, j), (i, c)]
+    return F.linear(first.view(item.shape[0], -1, weight.shape[1]), weight, bias)
+
+
+class _FirstTwoLayers(torch.autograd.Function):
+    """relu(bmm(item, user)) then the second layer's patch GEMM, chunk by chunk, keeping the
+    first layer's map (the model's largest tensor, 8,192 values a pair) for no longer than a
+    chunk: the backward recomputes it (a K = k + 1 bmm) instead of reading it back from memory."""
+
+    @staticmethod
+    def forward(ctx, item, user, weight, bias):
+        ctx.save_for_backward(item, user, weight)
+        parts = [_second_layer(item[rows], user[rows], weight, bias)
+                 for rows in _chunks(item.shape[0], item.shape[1] * user.shape[2])]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        item, user, weight = ctx.saved_tensors
+        grad_item, grad_user = torch.empty_like(item), torch.empty_like(user)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32)
+        grad_out = grad_out.to(item.dtype)
+        for rows in _chunks(item.shape[0], item.shape[1] * user.shape[2]):
+            first = F.relu(torch.bmm(item[rows], user[rows]))
+            grad = grad_out[rows].reshape(-1, weight.shape[0])
+            grad_weight += grad.t().mm(first.view(grad.shape[0], -1))
+            grad_first = torch.ops.aten.threshold_backward(grad.mm(weight).view(first.shape), first, 0)
+            torch.bmm(grad_first, user[rows].transpose(1, 2), out=grad_item[rows])
+            torch.bmm(item[rows].transpose(1, 2), grad_first, out=grad_user[rows])
+        grad_bias = grad_out.reshape(-1, weight.shape[0]).float().sum(0)
+        return grad_item, grad_user, grad_weight, grad_bias
+
+
+def first_two_layers(item: torch.Tensor, user: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """_FirstTwoLayers when training; when tracing for serving, the same ops in one piece (a
+    traced loop would be unrolled for the example's size)."""
+    if torch.jit.is_tracing():
+        return _second_layer(item, user, weight, bias)
+    if torch.is_grad_enabled():
+        return _FirstTwoLayers.apply(item, user, weight, bias)
+    return torch.cat([_second_layer(item[rows], user[rows], weight, bias)
+                      for rows in _chunks(item.shape[0], item.shape[1] * user.shape[2])])
+
+
 class ConvNCF(Recommender):
     input_type = "pairwise"
     # RecBole's: Adam lr 1e-3 (default betas), 2,048 triples (4,096 scored pairs) per batch.
-    train_defaults = dict(batch_size=4096, lr=1e-3, beta1=0.9, beta2=0.999, eval_batch_size=2**11)
-    # Each scored pair holds a 32 x 32 x channels first-layer map: 2^11 pairs ~ 256 MB.
-    score_all_chunk = 2**11
+    # The first-layer map is built chunk by chunk (CHUNK_ELEMENTS); what a scored pair keeps is
+    # its second layer's output (512 values with RecBole's stack), so 2^14 pairs take ~32 MB and
+    # one score() call covers a user's whole catalogue (ml-latest-small's 9,742 items): the
+    # user side once per user.
+    train_defaults = dict(batch_size=4096, lr=1e-3, beta1=0.9, beta2=0.999, eval_batch_size=2**14)
+    score_all_chunk = 2**14
 
     def __init__(self, nb_users: int, nb_items: int, embedding_size: int = 64,
                  cnn_channels: tuple[int, ...] | list[int] = (32,) * 6,
@@ -77,28 +131,80 @@ class ConvNCF(Recommender):
         first = self.convs[0]
         self.split_first = (first.kernel_size == first.stride and first.stride[0] == first.stride[1]
                             and embedding_size % first.stride[0] == 0)
+        # Layers after the first whose kernel equals their stride and tiles the map exactly run
+        # as GEMMs over their patches; the second one's patches come out of the first layer's bmm.
+        self.patch_layers, size = [], embedding_size // first.stride[0]
+        for conv in self.convs[1:]:
+            k = conv.stride[0]
+            self.patch_layers.append(conv.kernel_size == conv.stride == (k, k) and size % k == 0)
+            size = (size - conv.kernel_size[0]) // k + 1
 
     def score(self, user: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         p, q = self.user_embedding(user), self.item_embedding(items)  # [B, E], [B, C, E]
-        size = self.config["embedding_size"]  # static: tracing would turn q.shape into tensors
-        first, rest = self.convs[0], self.convs[1:]
         if self.split_first:
-            # conv1(p q^T)[c, a, b] = sum_j L[a, j, c] q[k b + j], L = sum_i W[c, i, j] p[k a + i]:
-            # L once per row, then one bmm for all its candidates, giving the map transposed
-            # ([b, a]) and channels-last; the later convolutions use transposed kernels.
-            k, blocks = first.stride[0], size // first.stride[0]
-            user_side = torch.einsum("bai,cij->bjac", p.view(-1, blocks, k), first.weight.squeeze(1))
-            user_side = user_side.reshape(-1, k, blocks * first.out_channels)
-            item_side = q.reshape(-1, q.shape[1] * blocks, k).to(user_side.dtype)  # bf16 under autocast
-            hidden = torch.baddbmm(first.bias.to(user_side.dtype).repeat(blocks), item_side, user_side)
-            hidden = F.relu(hidden.view(-1, blocks, blocks, first.out_channels).permute(0, 3, 1, 2))
-            for conv in rest:
-                hidden = F.relu(F.conv2d(hidden, conv.weight.transpose(2, 3), conv.bias, conv.stride))
+            hidden, rest = self._first_layers(p, q)
         else:
+            size = self.config["embedding_size"]
             hidden = torch.einsum("be,bcf->bcef", p, q).reshape(-1, 1, size, size)
             for conv in self.convs:
                 hidden = F.relu(conv(hidden.contiguous(memory_format=torch.channels_last)))
-        return self.predict(self.dropout(hidden.flatten(1))).view(items.shape)
+            hidden, rest = hidden.permute(0, 3, 2, 1), len(self.patch_layers)  # all done: [N, 1, 1, C]
+        for conv, patches in list(zip(self.convs[1:], self.patch_layers))[rest:]:
+            hidden = F.relu(self._patch_conv(hidden, conv) if patches else
+                            F.conv2d(hidden.permute(0, 3, 1, 2), conv.weight.transpose(2, 3), conv.bias,
+                                     conv.stride).permute(0, 2, 3, 1))
+        # the 32 -> 1 prediction in fp32 even under autocast: bf16 scores tie often, and the
+        # ranking counts ties against the positive
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self.predict(self.dropout(hidden.flatten(1).float())).view(items.shape)
+
+    def _first_layers(self, p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The first convolution (kernel = stride = k) without building the map, and the second
+        too when it is a patch layer (kernel = stride = g): with a = g A + i, b = g B + j,
+        conv1(p q^T)[c, a, b] = sum_j' L[a, j', c] q[k b + j'], L = sum_i' W[c, i', j'] p[k a + i']
+        depends on the user only, so L is computed once per row of candidates (a triple's positive
+        and negative, an evaluation list's 1 + K, a catalogue chunk), and one bmm per (row, A)
+        writes every candidate's first-layer map already in the second layer's patch order
+        [B, (j, i, c)]; the bias rides along as an extra contraction term, so its gradient is
+        part of the bmm's instead of a reduction over the largest tensor. Returns the map,
+        transposed channels-last [N, b, a, C], and how many later layers it has done."""
+        first, size = self.convs[0], self.config["embedding_size"]
+        k, blocks, channels = first.stride[0], size // first.stride[0], first.out_channels
+        second = bool(self.patch_layers) and self.patch_layers[0]
+        g = self.convs[1].stride[0] if second else 1
+        rows, candidates = q.shape[0], q.shape[1]
+        user_side = torch.einsum("bai,cij->bjac", p.view(rows, blocks, k), first.weight.squeeze(1))
+        bias = first.bias.view(1, 1, 1, channels).expand(rows, 1, blocks, channels)
+        user_side = torch.cat([user_side, bias], dim=1)  # [rows, j' (+ bias), a, c]
+        user_side = user_side.view(rows, k + 1, blocks // g, g * channels).transpose(1, 2)
+        user_side = user_side.reshape(rows * (blocks // g), k + 1, g * channels)
+        item_side = torch.cat([q.view(rows, candidates, blocks, k), q.new_ones(rows, candidates, blocks, 1)], dim=3)
+        item_side = item_side.unsqueeze(1).expand(rows, blocks // g, candidates, blocks, k + 1)
+        item_side = item_side.reshape(rows * (blocks // g), candidates * blocks, k + 1)
+        if second:
+            conv = self.convs[1]
+            weight = conv.weight.permute(0, 3, 2, 1).reshape(conv.out_channels, -1)  # [C', (j, i, c)]
+            dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else user_side.dtype
+            hidden = F.relu(first_two_layers(item_side.to(dtype), user_side.to(dtype), weight.to(dtype),
+                                             conv.bias.to(dtype)))
+            channels = conv.out_channels
+        else:
+            hidden = F.relu(torch.bmm(item_side.to(user_side.dtype), user_side))  # bf16 under autocast
+        # [rows, A, candidates, B, C]
+        hidden = hidden.view(rows, blocks // g, candidates, blocks // g, channels)
+        hidden = hidden.permute(0, 2, 3, 1, 4).reshape(rows * candidates, blocks // g, blocks // g, channels)
+        return hidden, int(second)
+
+    @staticmethod
+    def _patch_conv(hidden: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+        """A kernel = stride convolution of a transposed channels-last map [N, b, a, C] as one
+        GEMM over its non-overlapping patches (faster on CPU than oneDNN's small convolutions
+        with their backward and the layout changes around them)."""
+        k, (n, rows, cols, channels) = conv.stride[0], hidden.shape
+        patches = hidden.reshape(n, rows // k, k, cols // k, k, channels).permute(0, 1, 3, 2, 4, 5)
+        weight = conv.weight.permute(0, 3, 2, 1).reshape(conv.out_channels, -1)  # [C', (j, i, c)]
+        out = F.linear(patches.reshape(-1, k * k * channels), weight, conv.bias)
+        return out.view(n, rows // k, cols // k, conv.out_channels)
 
     def reg_loss(self) -> torch.Tensor:
         embeddings, layers = self.config["reg_weights"]
