@@ -490,6 +490,7 @@ def train_in(args, data, device, context, resume, model, eval_lists, test_lists,
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     context = None
+    finished = False
     try:
         import torch
 
@@ -511,13 +512,15 @@ def main(argv: list[str] | None = None) -> int:
             return run_test(args, data, device, state, path)
         context = from_environment(device)
         choose_defaults(args, data, context.world, verbose=context.is_main)
-        return run_train(args, data, device, context, resume)
+        code = run_train(args, data, device, context, resume)
+        finished = True
+        return code
     except UserError as exc:
         print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
     finally:
         if context is not None:
-            context.close()
+            context.close(finished)
 
 
 if __name__ == "__main__":
