@@ -5,7 +5,8 @@ A model is a `Recommender` subclass that declares
 - `input_type`: the batches its loss takes, built by the trainer:
     "pointwise"  PointwiseBatch(user [B], item [B, 1 + N], label [B, 1 + N]): the sampler's rows;
     "pairwise"   PairwiseBatch(user [B], positive [B], negative [B]): one negative per positive;
-    "user_rows"  UserRowsBatch(user [B]): shuffled user ids; the model holds the users' rows;
+    "user_rows"  UserRowsBatch(user [B]): shuffled user ids; the model holds the users' rows
+                 and says whose they are (`row_users()`: the users the trainer shuffles);
 - `loss(batch, *, step)`: a scalar to minimise (`step`: optimizer steps taken so far, for
   schedules inside the loss such as Mult-VAE's KL annealing);
 - `score(user [B], items [B, C]) -> [B, C]`: higher is better (sampled metrics, serving);
@@ -127,6 +128,10 @@ class Recommender(nn.Module):
 
     def score_pairs(self, user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
         return self.score(user, item.unsqueeze(1)).squeeze(1)
+
+    def row_users(self) -> torch.Tensor:
+        """user_rows models: the sorted ids of the users whose rows the model holds."""
+        raise NotImplementedError
 
     @classmethod
     def add_arguments(cls, group) -> None:

@@ -8,6 +8,7 @@ Without torchrun's environment everything degrades to a single process.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -51,9 +52,20 @@ class Context:
         if self.distributed:
             dist.barrier()
 
-    def close(self) -> None:
-        if self.distributed and dist.is_initialized():
-            dist.destroy_process_group()
+    def close(self, finished: bool = False) -> None:
+        """Tear the process group down while the interpreter is fully alive. DDP sits in a
+        reference cycle that holds the group, so destroy_process_group() alone leaves the
+        Gloo group (its worker threads, its tensors) to the cyclic GC, which may run only
+        during interpreter finalization: a Gloo thread that then needs the GIL is ended with
+        pthread_exit, and a rank aborts ("terminate called without an active exception").
+        `finished`: every rank got here after its last collective, so they first wait for
+        each other (no rank tears its connections down while another still talks)."""
+        if not (self.distributed and dist.is_initialized()):
+            return
+        if finished:
+            dist.barrier()
+        gc.collect()  # the unreachable DDP wrappers and what they hold, now
+        dist.destroy_process_group()
 
 
 def from_environment(device: torch.device) -> Context:

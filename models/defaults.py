@@ -15,7 +15,7 @@ SELECT = ("hr", "ndcg", "hr+ndcg")  # the validation metric that keeps the best 
 # Model options that resolve() sizes below (measured for NeuMF and its branches); the CLI
 # leaves them unset (auto) for these models. Other models keep their class defaults.
 SIZED_MODEL_OPTIONS = {"neumf": ("factors", "mlp_layers", "dropout"), "gmf": ("factors",),
-                       "mlp": ("mlp_layers", "dropout")}
+                       "mlp": ("mlp_layers", "dropout"), "multvae": ("total_anneal_steps",)}
 
 # ~50 steps per epoch: on ml-latest-small (498k samples) batch 8192 beat 4096 (~120 steps) on
 # validation NDCG@10 over two seeds (docs/training-defaults.md). On ml-20m (~100M samples) the
@@ -31,8 +31,35 @@ def batch_size(samples_per_epoch: int) -> int:
     return int(min(max(2**exponent, MIN_BATCH), MAX_BATCH))
 
 
-def resolve(args: argparse.Namespace, train_rows: int) -> dict:
-    """Fill every option left at None from the training set's size; return the values chosen."""
+# User-row models (Mult-VAE), sized by users: the paper's 500 users per step makes ~270 steps
+# per epoch on ml-20m but 1-2 on ml-latest-small's 610 users, too few to learn in 200 epochs.
+# ~10 steps per epoch, capped at the paper's 500 (docs/training-defaults.md, "Mult-VAE").
+USER_STEPS_PER_EPOCH = 10
+MAX_USER_BATCH = 500
+USER_EPOCHS, USER_PATIENCE = 200, 20  # the paper's 200 epochs; per-epoch HR@10 is noisy: patience 20
+# The paper anneals the KL weight by 1/200,000 per step over ~200 epochs x 270 steps: it reaches
+# its 0.2 cap 80% into the run. Annealing steps = 4 x the run's steps keeps that ratio at any size.
+ANNEAL_STEPS_PER_STEP = 4
+
+
+def user_batch_size(users: int) -> int:
+    """A power of two giving about USER_STEPS_PER_EPOCH steps per epoch, at most MAX_USER_BATCH."""
+    exponent = round(math.log2(max(users / USER_STEPS_PER_EPOCH, 1)))
+    return int(min(2**exponent, MAX_USER_BATCH))
+
+
+def resolve_user_rows(args: argparse.Namespace, users: int) -> dict:
+    batch = args.batch_size or user_batch_size(users)
+    epochs = args.epochs or USER_EPOCHS
+    return {"batch_size": batch, "epochs": epochs, "patience": USER_PATIENCE,
+            "total_anneal_steps": ANNEAL_STEPS_PER_STEP * epochs * math.ceil(users / batch)}
+
+
+def resolve(args: argparse.Namespace, train_rows: int, users: int = 0, input_type: str = "pointwise") -> dict:
+    """Fill every option left at None from the training set's size (positives; users for
+    user-row models); return the values chosen."""
+    if input_type == "user_rows":
+        return fill(args, resolve_user_rows(args, users))
     samples = train_rows * (1 + args.negatives)
     batch = args.batch_size or batch_size(samples)
     large = batch >= LARGE_BATCH
@@ -56,6 +83,10 @@ def resolve(args: argparse.Namespace, train_rows: int) -> dict:
         # at ~100k ratings dropout 0 was level with or above 0.1 on validation (two seeds)
         "dropout": 0.5 if large else 0.0,
     }
+    return fill(args, chosen)
+
+
+def fill(args: argparse.Namespace, chosen: dict) -> dict:
     picked = {}
     for name, value in chosen.items():
         if hasattr(args, name) and getattr(args, name) is None:  # absent: not this model's option

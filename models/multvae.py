@@ -43,8 +43,9 @@ def csr_rows(users, items, nb_users: int, nb_items: int) -> tuple[torch.Tensor, 
 class MultVAE(Recommender):
     input_type = "user_rows"
     needs_interactions = True
-    # The paper's code: Adam (torch's default betas), lr 1e-3, 500 users per batch.
-    train_defaults = dict(batch_size=500, lr=1e-3, beta1=0.9, beta2=0.999)
+    # The paper's code: Adam (torch's default betas), lr 1e-3. Its 500 users per step and
+    # epochs follow the number of users (models/defaults.py).
+    train_defaults = dict(lr=1e-3, beta1=0.9, beta2=0.999)
 
     def __init__(self, nb_users: int, nb_items: int, nnz: int = 0, hidden: int = 600, latent: int = 200,
                  dropout: float = 0.5, anneal_cap: float = 0.2, total_anneal_steps: int = 200_000):
@@ -95,6 +96,9 @@ class MultVAE(Recommender):
         dense = torch.zeros(user.shape[0], self.num_items, device=user.device, dtype=self.encoder.weight.dtype)
         return dense.index_put_((row, columns), torch.ones_like(columns, dtype=dense.dtype))
 
+    def row_users(self) -> torch.Tensor:
+        return torch.nonzero(self.indptr.diff() > 0).flatten().cpu()
+
     def encode(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = torch.tanh(self.encoder(self.input_dropout(F.normalize(rows, dim=1))))
         mu, logvar = self.to_latent(hidden).split(self.latent, dim=1)
@@ -142,7 +146,9 @@ class MultVAE(Recommender):
         group.add_argument("--dropout", type=float, default=0.5, help="dropout on the normalised input rows")
         group.add_argument("--anneal-cap", type=float, default=0.2, help="largest weight of the KL term")
         group.add_argument("--total-anneal-steps", type=int, default=200_000,
-                           help="optimizer steps over which the KL weight grows linearly from 0 (0: the cap throughout)")
+                           help="optimizer steps over which the KL weight would grow linearly from 0 to 1, "
+                                "reaching --anneal-cap first (0: the cap throughout; auto: 4 x the run's steps, "
+                                "the paper's 200,000 at ml-20m's size)")
 
     @classmethod
     def check_arguments(cls, args) -> None:

@@ -2,6 +2,7 @@
 
     python models/train_ncf.py --data ETL_DIR --output RUN_DIR
     python models/train_ncf.py --data ETL_DIR --output RUN_DIR --model multvae
+    python models/train_ncf.py --data ETL_DIR --output RUN_DIR --model multvae --protocol vae-cf
     torchrun --nproc_per_node 2 models/train_ncf.py --data ETL_DIR --output RUN_DIR
     python models/train_ncf.py --data ETL_DIR --output RUN_DIR --mode test
 
@@ -27,6 +28,7 @@ from merlin_ncf.models.registry import MODELS, model_class
 from merlin_ncf.errors import EXIT_USER_ERROR, DefaultsHelpFormatter, UserError, one_line, run_cli  # noqa: E402
 
 PROG = "train_ncf.py"
+PROTOCOLS = ("leave-one-out", "vae-cf")
 DEFAULT_MODEL = "neumf"
 
 
@@ -141,6 +143,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             help=f"validation metric that picks the kept (best) epoch and drives --patience ({auto})")
     evaluation.add_argument("--eval-batch-size", type=positive_int,
                             help=f"candidates scored per forward pass ({auto})")
+    evaluation.add_argument("--protocol", choices=PROTOCOLS, default=PROTOCOLS[0],
+                            help="vae-cf also holds users out of training and scores them the way the Mult-VAE "
+                                 "paper does: fold-in 80%% of each one's items, Recall@20/50 and NDCG@100 on the "
+                                 "other 20%% (models/vae_cf.py; models that score rows: multvae)")
+    evaluation.add_argument("--heldout-users", type=positive_int,
+                            help="users held out by --protocol vae-cf (auto: 10%% of the users)")
     args = p.parse_args(argv)
     if cls.input_type == "pairwise":
         args.negatives = 1
@@ -159,7 +167,14 @@ def check_combinations(args: argparse.Namespace, p: Parser, cls) -> None:
     """Option combinations that cannot work, refused before anything is read or written."""
     from merlin_ncf.models.trainer import samples_per_row
 
+    if args.protocol == "vae-cf" and not hasattr(cls, "score_rows"):
+        p.error(f"--protocol vae-cf folds in rows of held-out users: --model {args.model} cannot score a row "
+                "(multvae can)")
+    if args.heldout_users is not None and args.protocol != "vae-cf":
+        p.error("--heldout-users is for --protocol vae-cf")
     if args.mode == "test":
+        if args.protocol == "vae-cf":
+            p.error("--protocol vae-cf is evaluated at the end of training, not by --mode test")
         if args.resume or args.force:
             p.error("--resume/--force train; --mode test only evaluates a checkpoint")
         if args.checkpoint is None and args.output is None:
@@ -197,7 +212,7 @@ def choose_device(name: str):
 
 def choose_defaults(args, data, world: int = 1, verbose: bool = False) -> None:
     """Fill the auto options from the model's own training defaults, then from the training
-    set's size, and print them if `verbose`."""
+    set's size (users for user-row models), and print them if `verbose`."""
     from merlin_ncf.models.defaults import resolve
     from merlin_ncf.models.trainer import samples_per_row
 
@@ -207,7 +222,7 @@ def choose_defaults(args, data, world: int = 1, verbose: bool = False) -> None:
         if getattr(args, name, 0) is None:
             setattr(args, name, value)
             picked[name] = value
-    picked.update(resolve(args, data.train_rows))
+    picked.update(resolve(args, data.train_rows, data.num_users, cls.input_type))
     if args.eval_batch_size is None:
         args.eval_batch_size = 2**20
     if args.batch_size // (world * args.grad_accumulation * samples_per_row(cls.input_type, args.negatives)) < 1:
@@ -215,7 +230,8 @@ def choose_defaults(args, data, world: int = 1, verbose: bool = False) -> None:
     if picked and verbose:
         shown = "  ".join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
                           for k, v in picked.items())
-        print(f"auto for {args.model} and {data.train_rows:,} training positives: {shown}", flush=True)
+        print(f"auto for {args.model} and {data.train_rows:,} training positives, {data.num_users:,} users: {shown}",
+              flush=True)
 
 
 def train_options(args: argparse.Namespace):
@@ -226,22 +242,66 @@ def train_options(args: argparse.Namespace):
     return TrainOptions(**values, progress=not args.no_progress)
 
 
-def build_model(args, data):
+def build_model(args, data, split=None):
     """The --model class from its options and the data's facts (all training pairs, not one
-    rank's shard, for models that hold them)."""
+    rank's shard, for models that hold them; without the held-out users of `split`)."""
     from merlin_ncf.models.contract import DataFacts
     from merlin_ncf.models.data import train_pairs
 
     cls = model_class(args.model)
     interactions = None
     if cls.needs_interactions:
-        users, items = train_pairs(data)
+        users, items = train_pairs(data) if split is None else (split.train_users, split.train_items)
         interactions = (users.numpy(), items.numpy())
     facts = DataFacts(data.num_users, data.num_items, data.first_item, interactions)
     try:
         return cls.from_args(args, facts)
     except ValueError as exc:
         raise TrainingError(f"--model {args.model}: {one_line(exc)}") from None
+
+
+def heldout_split(args, data, verbose: bool):
+    """--protocol vae-cf's held-out users and their fold-in / target items (models/vae_cf.py)."""
+    from merlin_ncf.models import vae_cf
+    from merlin_ncf.models.data import train_pairs
+
+    users, items = train_pairs(data)
+    if args.heldout_users is None:
+        args.heldout_users = vae_cf.auto_heldout(users)
+    try:
+        split = vae_cf.split_heldout(users, items, data.num_users, data.num_items, args.heldout_users)
+    except ValueError as exc:
+        raise TrainingError(one_line(exc)) from None
+    if verbose:
+        print(f"vae-cf protocol: {args.heldout_users} users held out of training (seed {vae_cf.SPLIT_SEED}), "
+              f"{int(split.fold_in.indptr[-1]):,} fold-in and {int(split.targets.indptr[-1]):,} target items",
+              flush=True)
+    return split
+
+
+def without_users(lists, users):
+    from merlin_ncf.models.data import Candidates
+    import torch
+
+    keep = ~torch.isin(lists.users, users)
+    return Candidates(lists.users[keep], lists.items[keep])
+
+
+def vae_cf_metrics(trainer, data, split) -> dict:
+    """The held-out users' fold-in metrics of the trained model and of popularity."""
+    import torch
+
+    from merlin_ncf.models import vae_cf
+
+    model, device = trainer.model.eval(), trainer.device
+
+    def score_rows(rows):
+        with torch.no_grad():
+            return model.score_rows(rows.to(device)).float().cpu()
+
+    found = vae_cf.evaluate(score_rows, split, data.first_item)
+    return {**found, "popularity": vae_cf.evaluate(vae_cf.popularity_rows(split, data.num_items), split,
+                                                   data.first_item)}
 
 
 def check_fits(config: dict, data, path) -> None:
@@ -354,8 +414,9 @@ def run_train(args, data, device, context, resume: dict | None) -> int:
     from merlin_ncf.models.data import load_candidates
     from merlin_ncf.models.registry import model_name
 
+    split = heldout_split(args, data, context.is_main) if args.protocol == "vae-cf" else None
     torch.manual_seed(args.seed)  # initialisation
-    model = build_model(args, data)
+    model = build_model(args, data, split)
     if resume is not None:
         check_fits(resume["model"]["config"], data, args.output / "checkpoints" / "last.pt")
         if resume["model"].get("name") != model_name(model):
@@ -367,19 +428,21 @@ def run_train(args, data, device, context, resume: dict | None) -> int:
     eval_split = data.eval_mapping
     eval_lists = load_candidates(data, eval_split)
     test_lists = eval_lists if eval_split == "test" else load_candidates(data, "test")
+    if split is not None:  # the held-out users' lists would score a model that never saw them
+        eval_lists, test_lists = without_users(eval_lists, split.heldout), without_users(test_lists, split.heldout)
     fingerprint = data.spec.fingerprint() if context.is_main else None
     context.barrier()  # every rank has read its data
     if resume is not None or not context.is_main:
-        return train_in(args, data, device, context, resume, model, eval_lists, test_lists, fingerprint)
+        return train_in(args, data, device, context, resume, model, eval_lists, test_lists, fingerprint, split)
     created = create_run_dir(args.output)
     try:
-        return train_in(args, data, device, context, resume, model, eval_lists, test_lists, fingerprint)
+        return train_in(args, data, device, context, resume, model, eval_lists, test_lists, fingerprint, split)
     except BaseException:
         discard_unstarted_run(args.output, created)
         raise
 
 
-def train_in(args, data, device, context, resume, model, eval_lists, test_lists, fingerprint) -> int:
+def train_in(args, data, device, context, resume, model, eval_lists, test_lists, fingerprint, split=None) -> int:
     from merlin_ncf.models import checkpoint as ckpt
     from merlin_ncf.models.registry import model_from
     from merlin_ncf.models.export import save_json, save_torchscript
@@ -412,6 +475,8 @@ def train_in(args, data, device, context, resume, model, eval_lists, test_lists,
         best = state.history[state.best_epoch - 1]
         sampled = best["hr"], best["ndcg"]
     metrics = test_metrics(trainer, data, test_lists, sampled)
+    if context.is_main and split is not None:
+        metrics["vae_cf"] = vae_cf_metrics(trainer, data, split)
     if context.is_main:
         save_torchscript(trainer.model, args.output / "model.ts")
         write_jsonl(state.history, args.output / "log.jsonl")
@@ -427,12 +492,19 @@ def train_in(args, data, device, context, resume, model, eval_lists, test_lists,
         }, args.output / "config.json")
         print(f"final test {describe(metrics, options.topk)}  "
               f"(best epoch {state.best_epoch} of {state.epoch})  -> {args.output}")
+        if split is not None:
+            from merlin_ncf.models import vae_cf
+
+            found = metrics["vae_cf"]
+            print(f"vae-cf protocol, {found['users']} held-out users: {vae_cf.describe(found)}  "
+                  f"(popularity: {vae_cf.describe(found['popularity'])})")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     context = None
+    finished = False
     try:
         import torch
 
@@ -454,13 +526,15 @@ def main(argv: list[str] | None = None) -> int:
             return run_test(args, data, device, state, path)
         context = from_environment(device)
         choose_defaults(args, data, context.world, verbose=context.is_main)
-        return run_train(args, data, device, context, resume)
+        code = run_train(args, data, device, context, resume)
+        finished = True
+        return code
     except UserError as exc:
         print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
     finally:
         if context is not None:
-            context.close()
+            context.close(finished)
 
 
 if __name__ == "__main__":

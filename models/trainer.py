@@ -150,7 +150,7 @@ class Trainer:
         self.sampler = None
         self.users = None
         if self.input_type == "user_rows":
-            self.users = torch.unique(train_pairs(data)[0])  # every user with training rows, sorted
+            self.users = model.row_users()  # sorted; held-out users of --protocol vae-cf are not among them
         else:
             seen = None
             if options.negative_sampling == "exclude-seen":

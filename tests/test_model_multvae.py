@@ -85,3 +85,24 @@ def test_fold_in_rows_score_like_a_stored_user():
     unseen_user[0, [3, 5]] = 1  # the same history as user 0, given as a row
     with torch.no_grad():
         torch.testing.assert_close(model.score_rows(unseen_user), model.score_all(torch.tensor([0])))
+
+
+def test_size_dependent_defaults_keep_the_papers_ratios_and_yield_to_flags(capsys):
+    from types import SimpleNamespace
+
+    from merlin_ncf.models.train_ncf import choose_defaults, parse_args
+
+    def auto(users, *flags):
+        args = parse_args(["--data", "ETL", "--output", "RUN", "--model", "multvae", *flags])
+        choose_defaults(args, SimpleNamespace(train_rows=100 * users, num_users=users), verbose=True)
+        return args
+
+    small = auto(613)  # ml-latest-small: ~10 steps per epoch instead of the paper's 2
+    assert (small.batch_size, small.epochs, small.patience, small.lr) == (64, 200, 20, 1e-3)
+    assert small.total_anneal_steps == 4 * 200 * 10  # the KL cap 80% into the longest run
+    assert "--batch-size 64" in capsys.readouterr().out
+    ml20m = auto(138_493)  # the paper's data set: its batch, and ~its 200,000 annealing steps
+    assert ml20m.batch_size == 500 and ml20m.total_anneal_steps == 4 * 200 * 277
+    mine = auto(613, "--batch-size", "32", "--epochs", "50", "--total-anneal-steps", "7", "--patience", "0")
+    assert (mine.batch_size, mine.epochs, mine.total_anneal_steps, mine.patience) == (32, 50, 7, 0)
+    assert auto(613, "--batch-size", "200").total_anneal_steps == 4 * 200 * 4  # follows the batch given

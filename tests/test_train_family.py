@@ -163,9 +163,12 @@ def test_user_row_batches_are_one_permutation_split_between_ranks(tiny):
     assert torch.equal(epoch(1), epoch(1)) and not torch.equal(epoch(1), epoch(2))  # (seed, epoch) decide
 
 
-@pytest.mark.xfail(strict=False, reason="intermittent in the full suite (README, Known issues): a Gloo rank "
-                   "aborted once in the uninterrupted run, and once the killed run left no checkpoint to resume")
-@pytest.mark.parametrize("name", ["convncf", "multvae"])  # pairwise and user rows
+@pytest.mark.parametrize("name", [
+    pytest.param("convncf", marks=pytest.mark.xfail(
+        strict=False, reason="intermittent in the full suite (README, Known issues): a Gloo rank aborted once in "
+                             "the uninterrupted run, and once the killed run left no checkpoint to resume")),
+    "multvae",  # the abort's cause is fixed (models/ddp.py Context.close)
+])  # pairwise and user rows
 def test_two_process_ddp_resumes_exactly_after_a_kill(tiny, tmp_path, name):
     def torchrun(out, *extra, env=None):
         def once():
@@ -197,6 +200,32 @@ def test_two_process_ddp_resumes_exactly_after_a_kill(tiny, tmp_path, name):
     assert got["state"]["steps"] == want["state"]["steps"]  # KL annealing's clock
     for key, tensor in want["model"]["state"].items():
         torch.testing.assert_close(got["model"]["state"][key], tensor, rtol=0, atol=1e-6)
+
+
+CLOSE_SCRIPT = """
+import gc, sys, weakref, torch
+gc.disable()  # as at interpreter exit: nothing has collected the cycle yet
+from merlin_ncf.models.ddp import from_environment
+context = from_environment(torch.device("cpu"))
+ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 1))
+ddp(torch.ones(2, 4)).sum().backward()
+alive = weakref.ref(ddp)
+del ddp  # unreachable, but a reference cycle keeps it and its Gloo group
+context.close(finished=True)
+print("left", alive() is not None)
+"""
+
+
+def test_closing_the_context_tears_down_the_ddp_group_before_exit(tmp_path):
+    """The cause of the intermittent Gloo abort (SIGABRT, "terminate called without an active
+    exception") at the end of 2-process runs: the DDP wrapper lived on in a reference cycle
+    past destroy_process_group, so its Gloo group was torn down during interpreter exit."""
+    script = tmp_path / "close.py"
+    script.write_text(CLOSE_SCRIPT)
+    result = run([*TORCHRUN, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", free_port(),
+                  script], timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("left False") == 2, result.stdout
 
 
 def test_a_toy_model_with_one_registry_line_trains_through_the_cli(tiny, tmp_path, monkeypatch, capsys):
