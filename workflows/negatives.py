@@ -14,9 +14,10 @@ import numpy as np
 from merlin_ncf.errors import EtlError
 
 
-def interaction_keys(users, items, n_items: int, xp: ModuleType = np):
-    """Sorted, distinct int64 keys user * n_items + item."""
-    return xp.unique(users.astype(xp.int64) * n_items + items.astype(xp.int64))
+def pair_keys(users, items, n_items: int, xp: ModuleType = np):
+    """The int64 key user * n_items + item of each interaction."""
+    return users.astype(xp.int64) * n_items + items.astype(xp.int64)
+
 
 
 def _contains(sorted_keys, queries, xp: ModuleType):
