@@ -27,7 +27,7 @@ NONE = -1  # no second-latest interaction
 def pair_hash(frame):
     """A uint64 hash of each row's (user, item): equal pairs, equal hashes."""
     if hasattr(frame, "hash_values"):  # cuDF
-        return frame[PAIR].hash_values()
+        return frame[PAIR].hash_values().astype("uint64")
     import pandas as pd
 
     return pd.util.hash_pandas_object(frame[PAIR], index=False)
@@ -68,8 +68,7 @@ def _combine(partials):
     counts = partials.groupby(level=0)[COUNT].sum()
     keys = module.concat([partials[LATEST], partials[SECOND]])
     keys = keys[keys != NONE]
-    latest, second = _top_two(keys.index.to_series().values if hasattr(keys.index, "to_series") else keys.index,
-                              keys.values, module)
+    latest, second = _top_two(keys.index.values, keys.values, module)
     return module.DataFrame({COUNT: counts, LATEST: latest, SECOND: second.reindex(counts.index)})
 
 
