@@ -7,6 +7,8 @@ samples the resident memory of each process tree, and prints one table with the 
 
     python benchmarks/etl.py                      # 1M, 5M, 20M interactions
     python benchmarks/etl.py --sizes 1M 5M --workers 2 --plot etl-benchmark.png
+    python benchmarks/etl.py --sizes 2M 20M 50M --tile 2M --peer-max-rows 20M --data-dir /tmp/etl
+    python benchmarks/etl.py --sizes 20M --etl-args='--no-validation --partition-size 64MB'
 
 The "load avg" column is the machine's 1-minute load average during the run: on a shared
 machine other jobs inflate the times, so compare rows with similar load.
