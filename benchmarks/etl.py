@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
     parser.add_argument("--device", default="cpu", help="passed to etl.py --device")
     parser.add_argument("--workers", type=int, default=0, help="passed to etl.py --workers (0 = in-process)")
-    parser.add_argument("--etl-args", default="",
+    parser.add_argument("--etl-args",
                         help="extra etl.py options, one string (e.g. '--partition-size 64MB --no-validation')")
     parser.add_argument("--peer-max-rows", type=parse_size, default=20_000_000,
                         help="run the pandas peer only up to this size (above it: ours alone, the growth check)")
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(max(1, args.repeat)):
                 shutil.rmtree(output, ignore_errors=True)
                 ours.append(run_etl(raw, output, ["--device", args.device, "--workers", str(args.workers),
-                                                  *args.etl_args.split()]))
+                                                  *(args.etl_args or "").split()]))
                 if with_peer:
                     shutil.rmtree(output, ignore_errors=True)
                     peer.append(run_reference(raw, output))
