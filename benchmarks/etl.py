@@ -7,6 +7,8 @@ samples the resident memory of each process tree, and prints one table with the 
 
     python benchmarks/etl.py                      # 1M, 5M, 20M interactions
     python benchmarks/etl.py --sizes 1M 5M --workers 2 --plot etl-benchmark.png
+    python benchmarks/etl.py --sizes 2M 20M 50M --tile 2M --peer-max-rows 20M --data-dir /tmp/etl
+    python benchmarks/etl.py --sizes 20M --etl-args='--no-validation --partition-size 64MB'
 
 The "load avg" column is the machine's 1-minute load average during the run: on a shared
 machine other jobs inflate the times, so compare rows with similar load.
@@ -84,7 +86,12 @@ class PeakMemory:
         return self.peak
 
 
-def ensure_data(rows: int, data_dir: Path, seed: int) -> Path:
+def ensure_data(rows: int, data_dir: Path, seed: int, tile: int = 0) -> Path:
+    """The synthetic log of `rows` interactions, generated once into data_dir. Above `tile` rows
+    (when given), copies of the `tile`-row log with disjoint user ids, written in chunks: the
+    generator's planted structure costs minutes per 20M rows, tiling seconds."""
+    if tile and rows > tile:
+        return tiled(rows, ensure_data(tile, data_dir, seed), data_dir / f"tiled-{rows}-from-{tile}-s{seed}")
     users, items = shape(rows)
     target = data_dir / f"synthetic-{rows}-{users}x{items}-s{seed}"
     if not (target / "ratings.csv").is_file():
@@ -92,6 +99,32 @@ def ensure_data(rows: int, data_dir: Path, seed: int) -> Path:
         subprocess.run([sys.executable, str(REPO / "workflows/synthetic.py"), "--output", str(target),
                         "--interactions", str(rows), "--users", str(users), "--items", str(items),
                         "--format", "ml-20m", "--seed", str(seed), "--quiet"], check=True)
+    return target
+
+
+def tiled(rows: int, source: Path, target: Path) -> Path:
+    """`rows` interactions: `source`'s ratings.csv repeated, each copy's user ids shifted past the
+    previous copy's (so users grow with rows, items stay), timestamps unchanged."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.csv as pacsv
+
+    if (target / "ratings.csv").is_file():
+        return target
+    print(f"tiling {source.name} to {rows:,} interactions in {target}", flush=True)
+    table = pacsv.read_csv(source / "ratings.csv")
+    shift = pc.max(table["userId"]).as_py()
+    target.mkdir(parents=True, exist_ok=True)
+    partial = target / "ratings.csv.partial"
+    with pa.OSFile(str(partial), "wb") as sink:
+        sink.write(b"userId,movieId,rating,timestamp\n")
+        written, copy = 0, 0
+        while written < rows:
+            piece = table.slice(0, rows - written)
+            piece = piece.set_column(0, "userId", pc.add(piece["userId"], copy * shift))
+            pacsv.write_csv(piece, sink, write_options=pacsv.WriteOptions(include_header=False))
+            written, copy = written + len(piece), copy + 1
+    partial.rename(target / "ratings.csv")
     return target
 
 
@@ -132,7 +165,7 @@ def table(results: list[dict]) -> str:
               "load avg"]
     lines = ["| " + " | ".join(header) + " |", "|---:|---|" + "---:|" * (len(header) - 2)]
     for ours, peer in results:
-        for r in (ours, peer):
+        for r in (ours, peer) if peer else (ours,):
             ratio = (f"{ours['wall'] / r['wall']:.2f}x, {ours['peak_rss'] / max(r['peak_rss'], 1):.2f}x"
                      if r is peer else "")
             cells = [f"{r['rows']:,}", r["name"], *(f"{r['seconds'].get(p, 0):.1f} s" for p in PHASES),
@@ -148,9 +181,9 @@ def plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [run for pair in results for run in pair]
+    runs = [run for pair in results for run in pair if run]
     labels = [f"{r['rows'] / 1e6:g}M\n{'ours' if r['name'].startswith('merlin') else 'pandas'}" for r in runs]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(16, 4))
     bottom = [0.0] * len(runs)
     for phase in PHASES:
         values = [r["seconds"].get(phase, 0) for r in runs]
@@ -158,11 +191,15 @@ def plot(results: list[dict], path: Path) -> None:
         bottom = [b + v for b, v in zip(bottom, values)]
     left.set(ylabel="seconds", title="ETL time per phase: ours beside plain pandas")
     left.legend()
-    rows = [ours["rows"] / 1e6 for ours, _ in results]
-    right.plot(rows, [ours["peak_rss"] / 2**30 for ours, _ in results], marker="o", label="ours")
-    right.plot(rows, [peer["peak_rss"] / 2**30 for _, peer in results], marker="s", label="pandas reference")
-    right.legend()
-    right.set(xlabel="million interactions", ylabel="GiB", title="peak RSS (process tree)")
+    ours_runs = [ours for ours, _ in results]
+    peer_runs = [peer for _, peer in results if peer]
+    for axis, key, scale, title in ((middle, "wall", 1, "process wall time (s)"),
+                                    (right, "peak_rss", 2**30, "peak RSS, process tree (GiB)")):
+        axis.plot([r["rows"] / 1e6 for r in ours_runs], [r[key] / scale for r in ours_runs], marker="o", label="ours")
+        axis.plot([r["rows"] / 1e6 for r in peer_runs], [r[key] / scale for r in peer_runs], marker="s",
+                  label="pandas reference")
+        axis.legend()
+        axis.set(xlabel="million interactions", title=title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -178,6 +215,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
     add_device_argument(parser, help="device of etl.py: cpu, or cuda (cuDF on a CUDA GPU)")
     parser.add_argument("--workers", type=int, default=0, help="passed to etl.py --workers (0 = in-process)")
+    parser.add_argument("--etl-args",
+                        help="extra etl.py options, one string (e.g. '--partition-size 64MB --no-validation')")
+    parser.add_argument("--peer-max-rows", type=parse_size, default=20_000_000,
+                        help="run the pandas peer only up to this size (above it: ours alone, the growth check)")
+    parser.add_argument("--tile", type=parse_size, default=20_000_000,
+                        help="sizes above this are tiled from the log of this size (0: generate every size)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs per size; the fastest is reported (the others only absorb noise)")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
@@ -190,21 +233,25 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     try:
         for rows in args.sizes:
-            raw = ensure_data(rows, data_dir, args.seed)
+            raw = ensure_data(rows, data_dir, args.seed, args.tile)
             output = Path(tempfile.mkdtemp(prefix="etl-", dir=data_dir))
-            print(f"ETL and its pandas peer on {rows:,} interactions ...", flush=True)
+            with_peer = rows <= args.peer_max_rows
+            print(f"ETL{' and its pandas peer' if with_peer else ''} on {rows:,} interactions ...", flush=True)
             ours, peer = [], []
             for _ in range(max(1, args.repeat)):
                 shutil.rmtree(output, ignore_errors=True)
-                ours.append(run_etl(raw, output, ["--device", args.device, "--workers", str(args.workers)]))
-                shutil.rmtree(output, ignore_errors=True)
-                peer.append(run_reference(raw, output))
+                ours.append(run_etl(raw, output, ["--device", args.device, "--workers", str(args.workers),
+                                                  *(args.etl_args or "").split()]))
+                if with_peer:
+                    shutil.rmtree(output, ignore_errors=True)
+                    peer.append(run_reference(raw, output))
             shutil.rmtree(output, ignore_errors=True)
-            results.append((min(ours, key=lambda r: r["wall"]), min(peer, key=lambda r: r["wall"])))
+            results.append((min(ours, key=lambda r: r["wall"]), min(peer, key=lambda r: r["wall"]) if peer else None))
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
-    print(f"\nETL benchmark ({args.device}, workers={args.workers}, {psutil.cpu_count()} CPUs, "
+    print(f"\nETL benchmark ({args.device}, workers={args.workers}{', ' + args.etl_args if args.etl_args else ''}, "
+          f"{psutil.cpu_count()} CPUs, "
           f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM)\n")
     print(table(results))
     if args.json:

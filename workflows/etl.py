@@ -215,4 +215,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from merlin_ncf.merlin_warnings import without_torch
+
+    without_torch()  # this process only: the ETL never uses torch
     run_cli(main)

@@ -20,10 +20,13 @@ quiet_merlin()
 
 import pandas as pd  # noqa: E402
 
-from merlin_ncf.workflows import graph, negatives, split, time_split  # noqa: E402
+import dask  # noqa: E402
+
+from merlin_ncf.workflows import graph, loo, negatives, split, time_split  # noqa: E402
 from merlin_ncf.errors import EtlError, one_line  # noqa: E402
 from merlin_ncf.feature_spec import FeatureSpec, LABEL_CHANNEL, ITEM_CHANNEL, USER_CHANNEL  # noqa: E402
 from merlin_ncf.workflows.options import EtlOptions  # noqa: E402
+from merlin_ncf.workflows.graph import ORDER_KEY  # noqa: E402
 from merlin_ncf.workflows.readers import ITEM, RATING, TIME, USER, read_item_table, read_log  # noqa: E402
 
 
@@ -70,7 +73,8 @@ def execute(opts: EtlOptions, source: Path, dataset_name: str, backend: Backend,
         log = None
         try:
             log = read_log(source, fmt, backend, opts.columns, opts.partition_size)
-            split.write_parquet({work / "raw": log.interactions})
+            raw = log.interactions if opts.min_rating is not None else log.interactions.drop(columns=RATING, errors="ignore")
+            first_time, last_time = split.write_parquet({work / "raw": raw}, raw[TIME].min(), raw[TIME].max())
         except PARSE_ERRORS as exc:
             raise EtlError(f"cannot parse {log.ratings_path if log else source}: {one_line(exc)}") from None
         counts["raw_interactions"] = split.count_rows(work / "raw")
@@ -78,22 +82,27 @@ def execute(opts: EtlOptions, source: Path, dataset_name: str, backend: Backend,
             raise EtlError(f"{source} holds no interactions")
         has_rating = RATING in log.interactions.columns
         titles = read_item_table(opts.item_table, opts.columns.item) if opts.item_table else log.items
-        first_time = _check_order_key_fits(work / "raw", counts["raw_interactions"], backend)
+        first_time = _check_order_key_fits(int(first_time), int(last_time), counts["raw_interactions"])
         notes.append(f"{counts['raw_interactions']:,} interactions ({log.fmt}) from {source}")
 
     with clock.phase("filter") as notes:
-        filtered, counts["duplicates_dropped"] = _filter(opts, work, has_rating, backend, first_time,
-                                                         counts["raw_interactions"])
-        counts["interactions"] = split.count_rows(filtered)
+        kept, users, counts["duplicates_dropped"] = _filter(opts, work, has_rating, backend, first_time,
+                                                            counts["raw_interactions"])
+        counts["interactions"] = int(users[loo.COUNT].sum())
         if counts["interactions"] == 0:
             raise EtlError("no interactions left after --min-rating / --min-user-interactions")
         notes.append(f"{counts['interactions']:,} kept, {counts['duplicates_dropped']:,} repeated pairs dropped")
 
     with clock.phase("encode") as notes:
-        etl_workflow, saved_workflow = graph.encoding(opts.freq_threshold, work / "categories")
-        data = split.to_dataset(split.read_parquet(filtered, backend, graph.INTERACTION), backend)
+        loo_split = opts.split != "time"
+        if loo_split:  # flagged before encoding, so that the encoded rows go straight to their lists
+            kept = kept.map_partitions(loo.flag, dask.delayed(users), opts.validation,
+                                       meta=loo.flag(kept._meta, users.iloc[:0], opts.validation))
+        passthrough = [ORDER_KEY, loo.HOLDOUT] if loo_split else [ORDER_KEY]
+        etl_workflow, saved_workflow = graph.encoding(opts.freq_threshold, work / "categories", passthrough)
+        data = split.to_dataset(kept, backend)
         etl_workflow.fit(data)
-        split.write_parquet({work / "encoded": etl_workflow.transform(data).to_ddf()[graph.INTERACTION]})
+        encoded = etl_workflow.transform(data).to_ddf()
         saved_workflow.fit_schema(data.schema.select_by_name(graph.PAIR))
         saved_workflow.save(out / "workflow")
         schema = _id_schema(saved_workflow)
@@ -106,17 +115,24 @@ def execute(opts: EtlOptions, source: Path, dataset_name: str, backend: Backend,
 
     with clock.phase("split") as notes:
         held_out = ["test", "validation"] if opts.validation else ["test"]
-        if opts.split == "time":
+        if loo_split:
+            positives = {name: work / f"{name}_positives" for name in held_out}
+            remaining = work / "rest"
+            lists = {positives[name]: encoded[loo.held_out(encoded, which)][graph.PAIR]
+                     for name, which in (("test", loo.TEST), ("validation", loo.VALIDATION)) if name in held_out}
+            train_rows = ~(loo.held_out(encoded, loo.TEST) | loo.held_out(encoded, loo.VALIDATION))
+            # The negatives' exclusion keys come from the same pass: no second read of the encoded log.
+            keys = encoded.map_partitions(_pair_keys, n_items, backend.xp, meta=("key", "int64"))
+            keys, = split.write_parquet({**lists, remaining: encoded[train_rows][graph.PAIR]}, keys)
+        else:
+            split.write_parquet({work / "encoded": encoded[graph.INTERACTION]})
+            keys = None
             cutoff = time_split.resolve(opts.cutoff, opts.cutoff_quantile, work / "encoded", backend, first_time,
                                         counts["raw_interactions"])
             positives, remaining, split_counts = time_split.split_at(
                 work / "encoded", work, cutoff, first_time, counts["raw_interactions"], backend, opts.validation)
             counts.update(split_counts)
             held_out = list(positives)
-        else:
-            positives, remaining = {}, work / "encoded"
-            for name in held_out:
-                positives[name], remaining = split.split_latest(remaining, work, name, backend)
         counts["test_users"] = split.count_rows(positives["test"])
         if counts["test_users"] == 0:
             raise EtlError("no user with interactions before the cutoff has one after it: nothing to test"
@@ -131,9 +147,11 @@ def execute(opts: EtlOptions, source: Path, dataset_name: str, backend: Backend,
 
     with clock.phase("negatives") as notes:
         xp = backend.xp
-        pairs = split.read_parquet(work / "encoded", backend, graph.PAIR).compute()
-        keys = negatives.interaction_keys(pairs[USER].values, pairs[ITEM].values, n_items, xp)
-        del pairs
+        if keys is None:
+            pairs = split.read_parquet(work / "encoded", backend, graph.PAIR).compute()
+            keys = negatives.pair_keys(pairs[USER].values, pairs[ITEM].values, n_items, xp)
+            del pairs
+        keys = xp.unique(xp.asarray(keys.values if hasattr(keys, "values") else keys))
         rng = xp.random.default_rng(opts.seed)
         for name in held_out:
             candidates = _candidates(positives[name], keys, n_items, opts.negatives, rng, backend)
@@ -160,33 +178,32 @@ def execute(opts: EtlOptions, source: Path, dataset_name: str, backend: Backend,
 
 
 def _filter(opts: EtlOptions, work: Path, has_rating: bool, backend: Backend, first_time: int,
-            n_rows: int) -> tuple[Path, int]:
-    """Order the raw log, apply --min-rating, keep each (user, item) pair's first interaction,
-    then apply --min-user-interactions; returns the result and the number of repeats dropped."""
+            n_rows: int):
+    """The raw log with order keys, lazily filtered: --min-rating, each (user, item) pair's first
+    interaction only, --min-user-interactions. Returns it, its per-user statistics (workflows/loo.py)
+    and the number of repeated pairs dropped."""
     if opts.min_rating is not None and not has_rating:
         raise EtlError("--min-rating given but the log has no rating column")
-    steps = [graph.rating_filter(opts.min_rating)] if opts.min_rating is not None else []
-    dedup_step = len(steps)
-    steps.append(graph.first_of_pair(work / "pairs"))
-    if opts.min_user_interactions > 1:
-        steps.append(graph.activity_filter(opts.min_user_interactions, work / "activity"))
     columns = graph.INTERACTION + ([RATING] if opts.min_rating is not None else [])
-    source = split.read_ordered(work / "raw", backend, columns, first_time, n_rows)
-    rows, duplicates = n_rows, 0
-    for number, step in enumerate(steps):
-        if number:
-            source = split.read_parquet(current, backend, columns)
-        current = work / f"filtered_{number}"
-        # Helper columns are dropped after the workflow: a Filter must end it (see workflows/graph.py).
-        output = step.fit_transform(split.to_dataset(source, backend)).to_ddf()[graph.INTERACTION]
-        split.write_parquet({current: output})
-        columns = graph.INTERACTION
-        rows_in, rows = rows, split.count_rows(current)
-        if number == dedup_step:
-            duplicates = rows_in - rows
-        if rows == 0:  # the caller reports it; NVTabular's groupby fails on an empty log
-            break
-    return current, duplicates
+    rows = split.read_ordered(work / "raw", backend, columns, first_time, n_rows)
+    if opts.min_rating is not None:
+        rows = rows[rows[RATING] >= opts.min_rating][graph.INTERACTION]
+    hashes = rows.map_partitions(loo.pair_hash, meta=(None, "uint64"))
+    hashes, users = dask.compute(hashes, loo.user_stats(rows))
+    repeated = hashes[hashes.duplicated(keep=False)].unique()
+    del hashes
+    rated = int(users[loo.COUNT].sum())
+    if len(repeated):  # only rows whose pair hash repeats can repeat a pair: checked exactly
+        candidates = rows[rows.map_partitions(loo.pair_hash, meta=(None, "uint64")).isin(repeated)]
+        later = loo.later_duplicates(candidates.compute())
+        if len(later):
+            rows = rows[~rows[ORDER_KEY].isin(later)]
+            users = loo.user_stats(rows).compute()
+    duplicates = rated - int(users[loo.COUNT].sum())
+    if opts.min_user_interactions > 1:
+        users = users[users[loo.COUNT] >= opts.min_user_interactions]
+        rows = rows[rows[USER].isin(users.index)]
+    return rows, users, duplicates
 
 
 def _id_schema(workflow):
@@ -204,16 +221,16 @@ def _cardinality(schema, column: str) -> int:
     return int(schema[column].int_domain.max) + 1
 
 
-def _check_order_key_fits(raw: Path, n_rows: int, backend: Backend) -> int:
+def _check_order_key_fits(first: int, last: int, n_rows: int) -> int:
     """The first timestamp, once sure that (timestamp - first) * n_rows + position fits in int64."""
-    import dask
-
-    ts = split.read_parquet(raw, backend, [TIME])[TIME]
-    first, last = (int(value) for value in dask.compute(ts.min(), ts.max()))
     if (last - first + 1) * n_rows >= 2**63:
         raise EtlError(f"timestamps spanning {last - first} units x {n_rows} interactions overflow the int64 "
                        "order key; rescale the time column (e.g. to seconds)")
     return first
+
+
+def _pair_keys(frame, n_items: int, xp):
+    return negatives.pair_keys(frame[USER].values, frame[ITEM].values, n_items, xp)
 
 
 def _candidates(positives_path: Path, keys, n_items: int, k: int, rng, backend: Backend):

@@ -2,25 +2,31 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import dask
 
 from merlin_ncf.workflows.cluster import Backend
-from merlin_ncf.workflows.graph import FLAGGED, INTERACTION, ORDER_KEY, PAIR, holdout_flag, select_holdout
+from merlin_ncf.workflows import loo
+from merlin_ncf.workflows.graph import INTERACTION, ORDER_KEY, PAIR
 from merlin_ncf.workflows.readers import TIME
 
 
 def to_dataset(ddf, backend: Backend):
+    """A merlin Dataset typed from the frame's metadata: scalar columns only here, so merlin's
+    schema inference (it computes a partition to look for list columns) is skipped."""
     from merlin.io import Dataset
+    from merlin.schema import ColumnSchema, Schema
 
-    return Dataset(ddf, cpu=not backend.gpu)
+    schema = Schema([ColumnSchema(name, dtype=dtype) for name, dtype in ddf._meta.dtypes.items()])
+    return Dataset(ddf, cpu=not backend.gpu, schema=schema)
 
 
-def write_parquet(ddfs: dict[Path, object]) -> None:
-    """Write several Dask DataFrames in one pass, so they share their upstream work."""
-    dask.compute(*[ddf.to_parquet(str(path), write_index=False, compute=False) for path, ddf in ddfs.items()])
+def write_parquet(ddfs: dict[Path, object], *also) -> tuple:
+    """Write several Dask DataFrames in one pass, so they share their upstream work; `also`
+    (other Dask collections over the same upstream) are computed in that pass and returned."""
+    writes = [ddf.to_parquet(str(path), write_index=False, compute=False) for path, ddf in ddfs.items()]
+    return dask.compute(*writes, *also)[len(writes):]
 
 
 def parquet_files(path: Path) -> list[Path]:
@@ -95,17 +101,10 @@ def read_balanced(path: Path, backend: Backend, columns: list[str], n_parts: int
 def split_latest(interactions: Path, work_dir: Path, name: str, backend: Backend) -> tuple[Path, Path]:
     """Write `name`_positives (user, item: one per eligible user) and `name`_rest (the other
     rows, with order keys) under work_dir; returns their paths."""
-    flagger = holdout_flag(work_dir / f"{name}_stats")
-    source = to_dataset(read_parquet(interactions, backend, INTERACTION), backend)
-    flagger.fit(source)
-    # Materialised once: both selections below read it instead of redoing the groupby join.
-    flagged = work_dir / f"{name}_flagged"
-    write_parquet({flagged: flagger.transform(source).to_ddf()[FLAGGED]})
-    flagged_data = to_dataset(read_parquet(flagged, backend, FLAGGED), backend)
+    rows = read_parquet(interactions, backend, INTERACTION)
+    users = loo.user_stats(rows).compute()
+    flagged = rows.map_partitions(loo.flag, dask.delayed(users), False, meta=loo.flag(rows._meta, users.iloc[:0], False))
+    held = loo.held_out(flagged, loo.TEST)
     positives, rest = work_dir / f"{name}_positives", work_dir / f"{name}_rest"
-    write_parquet({
-        positives: select_holdout(True).fit_transform(flagged_data).to_ddf()[PAIR],
-        rest: select_holdout(False).fit_transform(flagged_data).to_ddf()[INTERACTION],
-    })
-    shutil.rmtree(flagged)
+    write_parquet({positives: flagged[held][PAIR], rest: flagged[~held][INTERACTION]})
     return positives, rest

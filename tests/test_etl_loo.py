@@ -1,0 +1,70 @@
+"""The ETL's Dask reductions (workflows/loo.py) on hand-made logs: results must not depend on
+how rows fall into partitions, and a partition may hold nothing of interest."""
+
+import dask
+import dask.dataframe as dd
+import pandas as pd
+import pytest
+
+from merlin_ncf.workflows import loo
+from merlin_ncf.workflows.graph import FIRST_INDEX, ORDER_KEY, PAIR
+
+
+def frame(users, items, keys):
+    return pd.DataFrame({"user_id": users, "item_id": items, ORDER_KEY: keys})
+
+
+@pytest.mark.parametrize("npartitions", [1, 2, 4])
+def test_user_stats_count_latest_and_second_latest_across_partitions(npartitions):
+    # user 5: keys 1, 9, 8, 3 spread over partitions; user 6: a single row; user 7: two rows.
+    log = frame([5, 6, 5, 7, 5, 7, 5], [1, 1, 2, 1, 3, 2, 4], [1, 2, 9, 4, 8, 6, 3])
+    stats = loo.user_stats(dd.from_pandas(log, npartitions=npartitions, sort=False)).compute().sort_index()
+    assert stats.index.tolist() == [5, 6, 7]
+    assert stats[loo.COUNT].tolist() == [4, 1, 2]
+    assert stats[loo.LATEST].tolist() == [9, 2, 6]
+    assert stats[loo.SECOND].tolist() == [8, loo.NONE, 4]
+
+
+def test_user_stats_take_string_ids():
+    log = frame(["b", "a", "b", "b"], ["x", "y", "y", "z"], [5, 1, 7, 2])
+    stats = loo.user_stats(dd.from_pandas(log, npartitions=3, sort=False)).compute().sort_index()
+    assert stats.loc["b"].tolist() == [3, 7, 5] and stats.loc["a"].tolist() == [1, 1, loo.NONE]
+
+
+def test_flag_holds_out_latest_for_test_and_second_latest_for_validation():
+    log = frame([5, 5, 5, 6, 7, 7], [3, 7, 4, 3, 1, 2], [1, 9, 8, 2, 5, 6])
+    stats = loo.user_stats(dd.from_pandas(log, npartitions=2, sort=False)).compute()
+    flagged = loo.flag(log, stats, validation=True)
+    # user 5 (3 rows): test + validation; user 6 (1 row): train; user 7 (2 rows): test only.
+    assert flagged[loo.HOLDOUT].tolist() == [loo.TRAIN, loo.TEST, loo.VALIDATION, loo.TRAIN, loo.TRAIN, loo.TEST]
+    assert loo.flag(log, stats, validation=False)[loo.HOLDOUT].tolist() == [0, 1, 0, 0, 0, 1]
+
+
+def test_out_of_vocabulary_user_is_never_held_out():
+    encoded = pd.DataFrame({"user_id": [FIRST_INDEX - 1, FIRST_INDEX], loo.HOLDOUT: [loo.TEST, loo.TEST]})
+    assert loo.held_out(encoded, loo.TEST).tolist() == [False, True]
+
+
+def test_later_duplicates_are_the_repeats_of_each_pairs_earliest_row():
+    # (5, 3) three times, earliest key 2; (6, 3) once.
+    rows = frame([5, 5, 6, 5], [3, 3, 3, 3], [7, 4, 1, 2])
+    assert sorted(loo.later_duplicates(rows).tolist()) == [4, 7]
+
+
+def test_equal_pairs_hash_equal_across_partitions():
+    log = frame([5, 6, 5, 5], [3, 3, 3, 4], [1, 2, 3, 4])
+    hashes = dask.compute(dd.from_pandas(log, npartitions=2, sort=False).map_partitions(loo.pair_hash))[0]
+    assert hashes.iloc[0] == hashes.iloc[2] and len(set(hashes.tolist())) == 3
+
+
+def test_user_stats_match_pandas_through_a_multi_level_tree():
+    """More partitions than one combine step takes (8): partials of partials are merged too."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    log = frame(rng.integers(0, 30, 600), rng.integers(0, 50, 600), rng.permutation(600))
+    stats = loo.user_stats(dd.from_pandas(log, npartitions=40, sort=False)).compute().sort_index()
+    ranked = log.sort_values(ORDER_KEY, ascending=False).groupby("user_id")[ORDER_KEY]
+    assert stats[loo.COUNT].tolist() == ranked.size().tolist()
+    assert stats[loo.LATEST].tolist() == ranked.nth(0).sort_index().tolist()
+    assert stats[loo.SECOND].tolist() == ranked.nth(1).reindex(stats.index, fill_value=loo.NONE).tolist()
