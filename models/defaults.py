@@ -10,6 +10,7 @@ import argparse
 import math
 
 NEGATIVE_SAMPLING = ("uniform", "exclude-seen")
+OPTIMIZERS = ("adam", "sparse-adam")  # models/trainer.py build_optimizer
 
 # Model options that resolve() sizes below (measured for NeuMF and its branches); the CLI
 # leaves them unset (auto) for these models. Other models keep their class defaults.
@@ -48,6 +49,9 @@ def resolve(args: argparse.Namespace, train_rows: int) -> dict:
         # exclude-seen tied with uniform on ml-latest-small and the demo (docs/training-defaults.md)
         # and costs a lookup per sample: uniform at every size.
         "negative_sampling": "uniform",
+        # Sparse embedding gradients + row-wise Adam beat dense Adam at every size measured
+        # (docs/benchmarks.md); models whose tables are not lookup-only get adam (train_ncf.py).
+        "optimizer": "sparse-adam",
         "factors": 64,
         "mlp_layers": [256, 256, 128, 64] if large else [128, 128, 64],
         # at ~100k ratings dropout 0 was level with or above 0.1 on validation (two seeds)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from merlin_ncf.models.contract import positive_int
 from merlin_ncf.models.errors import TrainingError
-from merlin_ncf.models.defaults import NEGATIVE_SAMPLING
+from merlin_ncf.models.defaults import NEGATIVE_SAMPLING, OPTIMIZERS
 from merlin_ncf.models.registry import MODELS, model_class
 from merlin_ncf.errors import EXIT_USER_ERROR, DefaultsHelpFormatter, UserError, one_line, run_cli  # noqa: E402
 
@@ -106,6 +106,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--beta1", type=unit_interval, help=f"Adam beta1 ({auto})")
     train.add_argument("--beta2", type=unit_interval, help=f"Adam beta2 ({auto})")
     train.add_argument("--eps", type=positive_float, default=1e-8, help="Adam epsilon")
+    train.add_argument("--optimizer", choices=OPTIMIZERS,
+                       help="adam: dense Adam on every parameter; sparse-adam: sparse embedding gradients, "
+                            "their rows updated by a row-wise (lazy) Adam, dense Adam for the rest "
+                            f"(NeuMF, GMF, MLP; no weight decay on the tables) ({auto}; --resume: the run's)")
     train.add_argument("--grad-accumulation", type=positive_int, default=1,
                        help="micro-batches per optimizer step (batch size is split between them)")
     train.add_argument("--amp", action="store_true",
@@ -157,6 +161,9 @@ def check_combinations(args: argparse.Namespace, p: Parser, cls) -> None:
         p.error("--checkpoint is for --mode test; to continue training use --resume")
     if args.resume and args.force:
         p.error("--resume continues the run in --output and --force replaces it: pick one")
+    if args.optimizer == "sparse-adam" and not cls.sparse_embeddings:
+        p.error(f"--optimizer sparse-adam: --model {args.model} reads its embedding tables whole (or has none); "
+                "use --optimizer adam")
     # Auto (None) options are checked at their class default; their auto values are valid.
     filled = argparse.Namespace(**{**model_options(cls), **{k: v for k, v in vars(args).items() if v is not None}})
     try:
@@ -193,6 +200,8 @@ def choose_defaults(args, data, world: int = 1, verbose: bool = False) -> None:
         if getattr(args, name, 0) is None:
             setattr(args, name, value)
             picked[name] = value
+    if getattr(args, "optimizer", 0) is None and not cls.sparse_embeddings:
+        args.optimizer = picked["optimizer"] = "adam"
     picked.update(resolve(args, data.train_rows))
     if args.eval_batch_size is None:
         args.eval_batch_size = 2**20
@@ -379,6 +388,10 @@ def train_in(args, data, device, context, resume, model, eval_lists, test_lists,
     trainer = Trainer(model, data, options, device, context, run_dir=args.output)
     if resume is not None:
         trainer.resume_from(resume)
+    if context.is_main:
+        from merlin_ncf.models.trainer import describe_optimizers
+
+        print(f"optimizer {options.optimizer}: {describe_optimizers(trainer.optimizers)}", flush=True)
 
     def on_epoch(record) -> None:
         if context.is_main:
@@ -429,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
         local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // local_procs))
         resume = check_output(args) if args.mode == "train" else None
+        if resume is not None and args.optimizer is None:  # the run's own, whatever today's default
+            args.optimizer = resume.get("options", {}).get("optimizer", "adam")
         data = open_etl(args.data)
         if args.mode == "test":
             from merlin_ncf.models import checkpoint as ckpt
