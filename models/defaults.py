@@ -31,8 +31,23 @@ def batch_size(samples_per_epoch: int) -> int:
     return int(min(max(2**exponent, MIN_BATCH), MAX_BATCH))
 
 
-def resolve(args: argparse.Namespace, train_rows: int) -> dict:
-    """Fill every option left at None from the training set's size; return the values chosen."""
+# Sparse embedding gradients + row-wise Adam pay a gather/scatter per touched row; dense Adam
+# streams whole tables. Row-wise won where a step can touch under a quarter of the tables' rows
+# (RecBole's batch 2048 over ml-20m's 165k rows) and lost where it touches most of them
+# (ml-latest-small at batch 4096-8192, ml-20m at 2^20) (docs/benchmarks.md).
+SPARSE_MAX_TOUCHED = 0.25
+
+
+def optimizer(batch: int, negatives: int, table_rows: int | None) -> str:
+    """sparse-adam when a step's users and items can cover under SPARSE_MAX_TOUCHED of the
+    embedding rows (users + items), else adam."""
+    touched = batch // (1 + negatives) + batch  # at most: a user per positive, an item per sample
+    return "sparse-adam" if table_rows and touched < SPARSE_MAX_TOUCHED * table_rows else "adam"
+
+
+def resolve(args: argparse.Namespace, train_rows: int, table_rows: int | None = None) -> dict:
+    """Fill every option left at None from the training set's size (and the embedding tables'
+    rows, users + items, for --optimizer); return the values chosen."""
     samples = train_rows * (1 + args.negatives)
     batch = args.batch_size or batch_size(samples)
     large = batch >= LARGE_BATCH
@@ -49,9 +64,8 @@ def resolve(args: argparse.Namespace, train_rows: int) -> dict:
         # exclude-seen tied with uniform on ml-latest-small and the demo (docs/training-defaults.md)
         # and costs a lookup per sample: uniform at every size.
         "negative_sampling": "uniform",
-        # Sparse embedding gradients + row-wise Adam beat dense Adam at every size measured
-        # (docs/benchmarks.md); models whose tables are not lookup-only get adam (train_ncf.py).
-        "optimizer": "sparse-adam",
+        # models whose tables are not lookup-only get adam before this (train_ncf.py)
+        "optimizer": optimizer(batch, args.negatives, table_rows),
         "factors": 64,
         "mlp_layers": [256, 256, 128, 64] if large else [128, 128, 64],
         # at ~100k ratings dropout 0 was level with or above 0.1 on validation (two seeds)

@@ -202,7 +202,7 @@ def choose_defaults(args, data, world: int = 1, verbose: bool = False) -> None:
             picked[name] = value
     if getattr(args, "optimizer", 0) is None and not cls.sparse_embeddings:
         args.optimizer = picked["optimizer"] = "adam"
-    picked.update(resolve(args, data.train_rows))
+    picked.update(resolve(args, data.train_rows, data.num_users + data.num_items))
     if args.eval_batch_size is None:
         args.eval_batch_size = 2**20
     if args.batch_size // (world * args.grad_accumulation * samples_per_row(cls.input_type, args.negatives)) < 1:

@@ -70,16 +70,22 @@ def test_dense_and_sparse_adam_learn_the_planted_structure(runs, optimizer):
     assert config["metrics"]["hr@10"] >= 0.5  # random ranking of 101 candidates: ~0.1
 
 
-def test_sparse_adam_is_the_auto_default_for_neumf_and_adam_for_multvae(planted, tmp_path):
+def test_auto_optimizer_is_sparse_where_a_step_touches_few_rows_and_adam_otherwise(planted, tmp_path):
     from merlin_ncf.models.data import open_etl
     from merlin_ncf.models.train_ncf import choose_defaults, parse_args
 
-    data = open_etl(planted)
-    for model, expected in (("neumf", "sparse-adam"), ("gmf", "sparse-adam"), ("mlp", "sparse-adam"),
-                            ("multvae", "adam"), ("convncf", "adam")):
-        args = parse_args(["--data", str(planted), "--output", str(tmp_path / "run"), "--model", model])
+    data = open_etl(planted)  # 403 users + 303 items
+    for model, batch, expected in (("neumf", 64, "sparse-adam"), ("gmf", 64, "sparse-adam"),
+                                   ("mlp", 64, "sparse-adam"), ("neumf", 2000, "adam"),  # touches every row
+                                   ("multvae", 64, "adam"), ("convncf", 64, "adam")):  # read whole tables
+        args = parse_args(["--data", str(planted), "--output", str(tmp_path / "run"), "--model", model,
+                           "--batch-size", str(batch)])
         choose_defaults(args, data)
-        assert args.optimizer == expected, model
+        assert args.optimizer == expected, (model, batch)
+    from merlin_ncf.models.defaults import optimizer
+
+    assert optimizer(2048, 4, 138_493 + 26_744) == "sparse-adam"  # RecBole's batch at ml-20m's tables
+    assert optimizer(8192, 4, 610 + 9_742) == optimizer(2**20, 4, 138_493 + 26_744) == "adam"
 
 
 def assert_same_run(got, want) -> None:
