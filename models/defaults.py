@@ -32,10 +32,10 @@ def batch_size(samples_per_epoch: int) -> int:
 
 
 # Sparse embedding gradients + row-wise Adam pay a gather/scatter per touched row; dense Adam
-# streams whole tables. Row-wise won where a step can touch under a quarter of the tables' rows
-# (RecBole's batch 2048 over ml-20m's 165k rows) and lost where it touches most of them
-# (ml-latest-small at batch 4096-8192, ml-20m at 2^20) (docs/benchmarks.md).
-SPARSE_MAX_TOUCHED = 0.25
+# streams whole tables. Row-wise won where a step touches a few percent of the tables' rows
+# (batch 2048-4096 over ml-20m's 165k rows) and lost from about a quarter up (ml-latest-small's
+# 10k rows at batch 2048-8192, ml-20m at 2^20) (docs/benchmarks.md).
+SPARSE_MAX_TOUCHED = 0.1
 
 
 def optimizer(batch: int, negatives: int, table_rows: int | None) -> str:
