@@ -19,7 +19,8 @@ A model is a `Recommender` subclass that declares
 - `add_arguments(group)`, `check_arguments(args)`, `from_args(args, data)`: its command-line
   options and how they (plus `DataFacts`) build it; `needs_interactions` says that `from_args`
   wants the training (user, item) pairs in `DataFacts.interactions`; `train_defaults`: the
-  training options (TrainOptions fields) its paper or reference uses, for the CLI's defaults.
+  training options (TrainOptions fields) its paper or reference uses, for the CLI's defaults;
+  `sparse_embeddings`: its embedding tables may take sparse gradients (--optimizer sparse-adam).
 Adding a model: one subclass and one line in models/registry.py.
 """
 
@@ -94,6 +95,9 @@ class Recommender(nn.Module):
     output: ClassVar[str] = "score"
     needs_interactions: ClassVar[bool] = False
     train_defaults: ClassVar[dict] = {}
+    # Its nn.Embedding tables are only looked up in loss(), never read whole: their gradients
+    # may be sparse and updated row-wise (--optimizer sparse-adam).
+    sparse_embeddings: ClassVar[bool] = False
     score_all_chunk: ClassVar[int] = 2**20  # (user, item) pairs per score() call in score_all
     config: dict
 

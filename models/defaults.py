@@ -11,6 +11,7 @@ import math
 
 NEGATIVE_SAMPLING = ("uniform", "exclude-seen")
 SELECT = ("hr", "ndcg", "hr+ndcg")  # the validation metric that keeps the best epoch (trainer.selection_score)
+OPTIMIZERS = ("adam", "sparse-adam")  # models/trainer.py build_optimizer
 
 # Model options that resolve() sizes below (measured for NeuMF and its branches); the CLI
 # leaves them unset (auto) for these models. Other models keep their class defaults.
@@ -55,11 +56,31 @@ def resolve_user_rows(args: argparse.Namespace, users: int) -> dict:
             "total_anneal_steps": ANNEAL_STEPS_PER_STEP * epochs * math.ceil(users / batch)}
 
 
-def resolve(args: argparse.Namespace, train_rows: int, users: int = 0, input_type: str = "pointwise") -> dict:
+# Sparse embedding gradients + row-wise Adam pay a gather/scatter per touched row; dense Adam
+# streams whole tables. Row-wise won where a step touches a few percent of the tables' rows
+# (batch 2048-4096 over ml-20m's 165k rows) and lost from about a quarter up (ml-latest-small's
+# 10k rows at batch 2048-8192, ml-20m at 2^20) (docs/benchmarks.md).
+SPARSE_MAX_TOUCHED = 0.1
+
+
+def optimizer(batch: int, negatives: int, table_rows: int | None) -> str:
+    """sparse-adam when a step's users and items can cover under SPARSE_MAX_TOUCHED of the
+    embedding rows (users + items), else adam."""
+    touched = batch // (1 + negatives) + batch  # at most: a user per positive, an item per sample
+    return "sparse-adam" if table_rows and touched < SPARSE_MAX_TOUCHED * table_rows else "adam"
+
+
+# Options every model's trainer takes, whatever its size.
+COMMON = {"select": "hr", "weight_decay": 0.0}
+
+
+def resolve(args: argparse.Namespace, train_rows: int, users: int = 0, input_type: str = "pointwise",
+            table_rows: int | None = None) -> dict:
     """Fill every option left at None from the training set's size (positives; users for
-    user-row models); return the values chosen."""
+    user-row models; the embedding tables' rows, users + items, for --optimizer); return the
+    values chosen."""
     if input_type == "user_rows":
-        return fill(args, resolve_user_rows(args, users))
+        return fill(args, {**resolve_user_rows(args, users), **COMMON})
     samples = train_rows * (1 + args.negatives)
     batch = args.batch_size or batch_size(samples)
     large = batch >= LARGE_BATCH
@@ -73,11 +94,12 @@ def resolve(args: argparse.Namespace, train_rows: int, users: int = 0, input_typ
         "beta2": 0.5 if large else 0.999,
         "epochs": 30,
         "patience": 3,
-        "select": "hr",
-        "weight_decay": 0.0,
+        **COMMON,
         # exclude-seen tied with uniform on ml-latest-small and the demo (docs/training-defaults.md)
         # and costs a lookup per sample: uniform at every size.
         "negative_sampling": "uniform",
+        # models whose tables are not lookup-only get adam before this (train_ncf.py)
+        "optimizer": optimizer(batch, args.negatives, table_rows),
         "factors": 64,
         "mlp_layers": [256, 256, 128, 64] if large else [128, 128, 64],
         # at ~100k ratings dropout 0 was level with or above 0.1 on validation (two seeds)

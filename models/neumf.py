@@ -32,6 +32,7 @@ class NeuMF(Recommender):
 
     input_type = "pointwise"
     output = "logit"
+    sparse_embeddings = True
 
     def __init__(
         self,

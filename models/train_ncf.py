@@ -23,7 +23,7 @@ from pathlib import Path
 
 from merlin_ncf.models.contract import positive_int
 from merlin_ncf.models.errors import TrainingError
-from merlin_ncf.models.defaults import NEGATIVE_SAMPLING, SELECT
+from merlin_ncf.models.defaults import NEGATIVE_SAMPLING, OPTIMIZERS, SELECT
 from merlin_ncf.models.registry import MODELS, model_class
 from merlin_ncf.errors import EXIT_USER_ERROR, DefaultsHelpFormatter, UserError, one_line, run_cli  # noqa: E402
 
@@ -120,6 +120,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--eps", type=positive_float, default=1e-8, help="Adam epsilon")
     train.add_argument("--weight-decay", type=non_negative_float,
                        help=f"AdamW's decoupled weight decay, 0: plain Adam ({auto})")
+    train.add_argument("--optimizer", choices=OPTIMIZERS,
+                       help="adam: dense Adam on every parameter; sparse-adam: sparse embedding gradients, "
+                            "their rows updated by a row-wise (lazy) Adam, dense Adam for the rest "
+                            f"(NeuMF, GMF, MLP; no weight decay on the tables) ({auto}; --resume: the run's)")
     train.add_argument("--grad-accumulation", type=positive_int, default=1,
                        help="micro-batches per optimizer step (batch size is split between them)")
     train.add_argument("--amp", action="store_true",
@@ -186,6 +190,9 @@ def check_combinations(args: argparse.Namespace, p: Parser, cls) -> None:
         p.error("--checkpoint is for --mode test; to continue training use --resume")
     if args.resume and args.force:
         p.error("--resume continues the run in --output and --force replaces it: pick one")
+    if args.optimizer == "sparse-adam" and not cls.sparse_embeddings:
+        p.error(f"--optimizer sparse-adam: --model {args.model} reads its embedding tables whole (or has none); "
+                "use --optimizer adam")
     # Auto (None) options are checked at their class default; their auto values are valid.
     filled = argparse.Namespace(**{**model_options(cls), **{k: v for k, v in vars(args).items() if v is not None}})
     try:
@@ -222,7 +229,10 @@ def choose_defaults(args, data, world: int = 1, verbose: bool = False) -> None:
         if getattr(args, name, 0) is None:
             setattr(args, name, value)
             picked[name] = value
-    picked.update(resolve(args, data.train_rows, data.num_users, cls.input_type))
+    if getattr(args, "optimizer", 0) is None and not cls.sparse_embeddings:
+        args.optimizer = picked["optimizer"] = "adam"
+    picked.update(resolve(args, data.train_rows, data.num_users, cls.input_type,
+                          table_rows=data.num_users + data.num_items))
     if args.eval_batch_size is None:
         args.eval_batch_size = 2**20
     if args.batch_size // (world * args.grad_accumulation * samples_per_row(cls.input_type, args.negatives)) < 1:
@@ -456,6 +466,10 @@ def train_in(args, data, device, context, resume, model, eval_lists, test_lists,
     trainer = Trainer(model, data, options, device, context, run_dir=args.output)
     if resume is not None:
         trainer.resume_from(resume)
+    if context.is_main:
+        from merlin_ncf.models.trainer import describe_optimizers
+
+        print(f"optimizer {options.optimizer}: {describe_optimizers(trainer.optimizers)}", flush=True)
 
     def on_epoch(record) -> None:
         if context.is_main:
@@ -515,6 +529,8 @@ def main(argv: list[str] | None = None) -> int:
         local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // local_procs))
         resume = check_output(args) if args.mode == "train" else None
+        if resume is not None and args.optimizer is None:  # the run's own, whatever today's default
+            args.optimizer = resume.get("options", {}).get("optimizer", "adam")
         data = open_etl(args.data)
         if args.mode == "test":
             from merlin_ncf.models import checkpoint as ckpt

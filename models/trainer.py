@@ -33,6 +33,7 @@ from merlin_ncf.models.contract import Objective, PairwiseBatch, PointwiseBatch,
 from merlin_ncf.models.data import Candidates, EtlData, batch_columns, check_ids, seed_shuffle, train_loader, train_pairs
 from merlin_ncf.models.ddp import Context
 from merlin_ncf.models.metrics import hit_and_ndcg_sums
+from merlin_ncf.models.optim import RowWiseAdam
 from merlin_ncf.models.ranking import SeenItems, full_ranking_sums
 from merlin_ncf.models.registry import model_name
 from merlin_ncf.models.errors import TrainingError
@@ -52,6 +53,7 @@ class TrainOptions:
     beta2: float = 0.5
     eps: float = 1e-8
     weight_decay: float = 0.0  # AdamW's decoupled decay (0: plain Adam)
+    optimizer: str = "adam"  # or "sparse-adam" (OPTIMIZERS)
     grad_accumulation: int = 1
     amp: bool = False
     topk: int = 10
@@ -120,14 +122,52 @@ def selection_score(select: str, hr: float, ndcg: float) -> float:
     return {"hr": hr, "ndcg": ndcg, "hr+ndcg": hr + ndcg}[select]
 
 
-def build_optimizer(model: nn.Module, options: TrainOptions, device: torch.device) -> torch.optim.Adam:
+def dense_adam(params: list, options: TrainOptions) -> torch.optim.Adam:
     # AdamW with weight_decay 0 is Adam; decoupled decay shrinks every weight by lr x decay per step.
     adam = torch.optim.AdamW if options.weight_decay else torch.optim.Adam
     return adam(
-        model.parameters(), lr=options.lr, betas=(options.beta1, options.beta2), eps=options.eps,
+        params, lr=options.lr, betas=(options.beta1, options.beta2), eps=options.eps,
         weight_decay=options.weight_decay,
         fused=True,  # on CPU too: 4x faster than the foreach step over the embedding tables here
     )
+
+
+def row_wise_adam(params: list, options: TrainOptions) -> RowWiseAdam:
+    """SparseAdam's lazy update of the rows a step touches (no weight decay, as SparseAdam)."""
+    return RowWiseAdam(params, lr=options.lr, betas=(options.beta1, options.beta2), eps=options.eps)
+
+
+def sparse_tables(model: nn.Module, options: TrainOptions) -> list[nn.Embedding]:
+    """The embedding tables that --optimizer sparse-adam switches to sparse gradients (before
+    DDP is built: it reads `sparse` to expect sparse gradients)."""
+    if options.optimizer != "sparse-adam":
+        return []
+    if not getattr(model, "sparse_embeddings", False):
+        raise TrainingError(f"--optimizer sparse-adam: {type(model).__name__} reads its embedding tables whole; "
+                            "use --optimizer adam")
+    tables = [module for module in model.modules() if isinstance(module, nn.Embedding)]
+    for table in tables:
+        table.sparse = True
+    return tables
+
+
+def build_optimizer(model: nn.Module, options: TrainOptions, device: torch.device) -> dict[str, torch.optim.Optimizer]:
+    """Named optimizers that together update every parameter: "adam" (dense), and with
+    --optimizer sparse-adam "row-wise-adam" for the embedding tables."""
+    tables = {id(table.weight): table.weight for table in sparse_tables(model, options)}
+    dense = [param for param in model.parameters() if id(param) not in tables]
+    optimizers = {}
+    if dense:
+        optimizers["adam"] = dense_adam(dense, options)
+    if tables:
+        optimizers["row-wise-adam"] = row_wise_adam(list(tables.values()), options)
+    return optimizers
+
+
+def describe_optimizers(optimizers: dict[str, torch.optim.Optimizer]) -> str:
+    return ", ".join(f"{name} on {sum(len(g['params']) for g in opt.param_groups)} tensors "
+                     f"({sum(p.numel() for g in opt.param_groups for p in g['params']):,} parameters)"
+                     for name, opt in optimizers.items())
 
 
 class Trainer:
@@ -137,6 +177,7 @@ class Trainer:
         self.context = context or Context()
         self.model = model.to(device)
         self.input_type = model.input_type
+        self.optimizers = build_optimizer(self.model, options, device)  # may make embeddings sparse: before DDP
         objective = Objective(self.model)
         # DDP synchronises the gradients of what runs through its forward: the loss. Buffers
         # (Mult-VAE's interaction rows) are the same on every rank and never change.
@@ -145,7 +186,6 @@ class Trainer:
                                                 broadcast_buffers=False)
             if self.context.distributed else objective
         )
-        self.optimizer = build_optimizer(self.model, options, device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=options.amp and device.type == "cuda")
         self.sampler = None
         self.users = None
@@ -169,7 +209,9 @@ class Trainer:
             "format": ckpt.FORMAT,
             "model": {"name": model_name(self.model), "config": self.model.config,
                       "state": {k: v.detach().cpu() for k, v in self.model.state_dict().items()}},
-            "optimizer": self.optimizer.state_dict(),
+            # "adam" under the key of checkpoints from before sparse-adam, which resume as they were.
+            "optimizer": self.optimizers["adam"].state_dict() if "adam" in self.optimizers else None,
+            "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items() if name != "adam"},
             "scaler": self.scaler.state_dict(),
             "state": asdict(self.state),
             "options": asdict(self.options),
@@ -178,12 +220,17 @@ class Trainer:
 
     def resume_from(self, state: dict) -> None:
         self.model.load_state_dict(state["model"]["state"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        trained = state.get("options", {}).get("optimizer", "adam")
+        saved = {**state.get("optimizers", {}), **({"adam": state["optimizer"]} if state.get("optimizer") else {})}
+        if trained != self.options.optimizer or set(saved) != set(self.optimizers):
+            raise TrainingError(f"the checkpoint was trained with --optimizer {trained}: resume with it")
+        for name, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(saved[name])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        saved = dict(state["state"])
-        saved.setdefault("best_score", saved.get("best_hr", -1.0))  # checkpoints from before --select
-        self.state = State(**saved)
+        progress = dict(state["state"])
+        progress.setdefault("best_score", progress.get("best_hr", -1.0))  # checkpoints from before --select
+        self.state = State(**progress)
         ckpt.restore_rng(state["rng"])
 
     # --- evaluation -------------------------------------------------------------
@@ -305,9 +352,11 @@ class Trainer:
                     self.check_finite(loss, epoch, step)
                     self.scaler.scale(loss / accumulation).backward()
                 if boundary:
-                    self.scaler.step(self.optimizer)
+                    for optimizer in self.optimizers.values():
+                        self.scaler.step(optimizer)
                     self.scaler.update()
-                    self.optimizer.zero_grad(set_to_none=True)
+                    for optimizer in self.optimizers.values():
+                        optimizer.zero_grad(set_to_none=True)
                     self.steps_taken += 1
                     self.state.steps += 1
                     if self.kill_after and self.steps_taken >= self.kill_after:
