@@ -514,13 +514,13 @@ def test_select_picks_the_kept_epoch_and_drives_patience(planted, tmp_path, sele
 
 
 def test_weight_decay_is_adamw_decoupled_decay(planted, tmp_path):
-    from merlin_ncf.models.trainer import TrainOptions, build_optimizer
+    from merlin_ncf.models.trainer import TrainOptions, dense_adam
     from merlin_ncf.models.train_ncf import main
 
     for decay in (0.0, 0.5):
         layer = torch.nn.Linear(4, 3)
         before = layer.weight.detach().clone()
-        optimizer = build_optimizer(layer, TrainOptions(lr=0.1, weight_decay=decay), torch.device("cpu"))
+        optimizer = dense_adam(list(layer.parameters()), TrainOptions(lr=0.1, weight_decay=decay))
         for p in layer.parameters():
             p.grad = torch.zeros_like(p)  # Adam moves nothing: only the decay acts
         optimizer.step()
