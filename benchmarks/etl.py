@@ -8,7 +8,12 @@ samples the resident memory of each process tree, and prints one table with the 
     python benchmarks/etl.py                      # 1M, 5M, 20M interactions
     python benchmarks/etl.py --sizes 1M 5M --workers 2 --plot etl-benchmark.png
     python benchmarks/etl.py --sizes 2M 20M 50M --tile 2M --peer-max-rows 20M --data-dir /tmp/etl
-    python benchmarks/etl.py --sizes 20M --etl-args='--no-validation --partition-size 64MB'
+    python benchmarks/etl.py --sizes 20M --jobs test test+validation
+    python benchmarks/etl.py --sizes 20M --etl-args='--partition-size 64MB'
+
+Each --jobs entry is one job done by both, interleaved: "test" (test lists only: ours with
+--no-validation, the peer as written) and "test+validation" (ours by default, the peer with
+--validation), so that every ratio compares the same job.
 
 The "load avg" column is the machine's 1-minute load average during the run: on a shared
 machine other jobs inflate the times, so compare rows with similar load.
@@ -141,21 +146,26 @@ def measured(command: list[str], what: str) -> tuple[str, float, int, float]:
     return stdout, wall, peak, sum(memory.loads) / max(1, len(memory.loads))
 
 
-def run_etl(raw: Path, output: Path, extra: list[str]) -> dict:
+JOBS = ("test", "test+validation")
+
+
+def run_etl(raw: Path, output: Path, extra: list[str], job: str) -> dict:
+    extra = [*extra, *(["--no-validation"] if job == "test" else [])]
     _, wall, peak, load = measured([sys.executable, str(REPO / "workflows/etl.py"), "--input", str(raw),
                                     "--output", str(output), "--quiet", *extra], f"etl on {raw}")
     stats = json.loads((output / "stats.json").read_text())
-    return {"name": "merlin-ncf ETL", "rows": stats["interactions"], "users": stats["users"],
+    return {"name": "merlin-ncf ETL", "job": job, "rows": stats["interactions"], "users": stats["users"],
             "items": stats["items"], "seconds": stats["seconds"], "wall": wall, "peak_rss": peak, "load": load}
 
 
-def run_reference(raw: Path, output: Path) -> dict:
-    """The plain-pandas peer on the same ratings.csv (no validation lists: it holds out test only)."""
+def run_reference(raw: Path, output: Path, job: str) -> dict:
+    """The plain-pandas peer on the same ratings.csv, doing `job`."""
     stdout, wall, peak, load = measured([sys.executable, str(REPO / "benchmarks/etl_pandas_reference.py"),
-                                         "--input", str(raw / "ratings.csv"), "--output", str(output)],
+                                         "--input", str(raw / "ratings.csv"), "--output", str(output),
+                                         *(["--validation"] if job == "test+validation" else [])],
                                         f"pandas reference on {raw}")
     stats = json.loads(stdout.strip().splitlines()[-1])
-    return {"name": "pandas reference", "rows": stats["rows"], "seconds": stats["seconds"], "wall": wall,
+    return {"name": "pandas reference", "job": job, "rows": stats["rows"], "seconds": stats["seconds"], "wall": wall,
             "peak_rss": peak, "load": load}
 
 
@@ -168,7 +178,7 @@ def table(results: list[dict]) -> str:
         for r in (ours, peer) if peer else (ours,):
             ratio = (f"{ours['wall'] / r['wall']:.2f}x, {ours['peak_rss'] / max(r['peak_rss'], 1):.2f}x"
                      if r is peer else "")
-            cells = [f"{r['rows']:,}", r["name"], *(f"{r['seconds'].get(p, 0):.1f} s" for p in PHASES),
+            cells = [f"{r['rows']:,}", f"{r['name']}: {r['job']}", *(f"{r['seconds'].get(p, 0):.1f} s" for p in PHASES),
                      f"{r['seconds']['total']:.1f} s", f"{r['wall']:.1f} s", f"{r['rows'] / r['wall']:,.0f}",
                      f"{r['peak_rss'] / 2**30:.2f} GiB", ratio, f"{r['load']:.1f}"]
             lines.append("| " + " | ".join(cells) + " |")
@@ -182,7 +192,8 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     runs = [run for pair in results for run in pair if run]
-    labels = [f"{r['rows'] / 1e6:g}M\n{'ours' if r['name'].startswith('merlin') else 'pandas'}" for r in runs]
+    labels = [f"{r['rows'] / 1e6:g}M {'+val' if r['job'] != 'test' else ''}\n"
+              f"{'ours' if r['name'].startswith('merlin') else 'pandas'}" for r in runs]
     fig, (left, middle, right) = plt.subplots(1, 3, figsize=(16, 4))
     bottom = [0.0] * len(runs)
     for phase in PHASES:
@@ -195,9 +206,12 @@ def plot(results: list[dict], path: Path) -> None:
     peer_runs = [peer for _, peer in results if peer]
     for axis, key, scale, title in ((middle, "wall", 1, "process wall time (s)"),
                                     (right, "peak_rss", 2**30, "peak RSS, process tree (GiB)")):
-        axis.plot([r["rows"] / 1e6 for r in ours_runs], [r[key] / scale for r in ours_runs], marker="o", label="ours")
-        axis.plot([r["rows"] / 1e6 for r in peer_runs], [r[key] / scale for r in peer_runs], marker="s",
-                  label="pandas reference")
+        for job in dict.fromkeys(r["job"] for r in ours_runs):
+            for runs_, marker, who in ((ours_runs, "o", "ours"), (peer_runs, "s", "pandas reference")):
+                these = [r for r in runs_ if r["job"] == job]
+                if these:
+                    axis.plot([r["rows"] / 1e6 for r in these], [r[key] / scale for r in these], marker=marker,
+                              label=f"{who}: {job}")
         axis.legend()
         axis.set(xlabel="million interactions", title=title)
     fig.tight_layout()
@@ -215,8 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
     add_device_argument(parser, help="device of etl.py: cpu, or cuda (cuDF on a CUDA GPU)")
     parser.add_argument("--workers", type=int, default=0, help="passed to etl.py --workers (0 = in-process)")
+    parser.add_argument("--jobs", nargs="+", choices=JOBS, default=["test+validation"],
+                        help="jobs done by both: test lists only (ours --no-validation), or test and validation "
+                             "lists (the peer --validation)")
     parser.add_argument("--etl-args",
-                        help="extra etl.py options, one string (e.g. '--partition-size 64MB --no-validation')")
+                        help="extra etl.py options, one string (e.g. '--partition-size 64MB')")
     parser.add_argument("--peer-max-rows", type=parse_size, default=20_000_000,
                         help="run the pandas peer only up to this size (above it: ours alone, the growth check)")
     parser.add_argument("--tile", type=parse_size, default=20_000_000,
@@ -236,17 +253,20 @@ def main(argv: list[str] | None = None) -> int:
             raw = ensure_data(rows, data_dir, args.seed, args.tile)
             output = Path(tempfile.mkdtemp(prefix="etl-", dir=data_dir))
             with_peer = rows <= args.peer_max_rows
-            print(f"ETL{' and its pandas peer' if with_peer else ''} on {rows:,} interactions ...", flush=True)
-            ours, peer = [], []
-            for _ in range(max(1, args.repeat)):
-                shutil.rmtree(output, ignore_errors=True)
-                ours.append(run_etl(raw, output, ["--device", args.device, "--workers", str(args.workers),
-                                                  *(args.etl_args or "").split()]))
-                if with_peer:
+            for job in args.jobs:
+                print(f"ETL{' and its pandas peer' if with_peer else ''} on {rows:,} interactions, {job} ...",
+                      flush=True)
+                ours, peer = [], []
+                for _ in range(max(1, args.repeat)):
                     shutil.rmtree(output, ignore_errors=True)
-                    peer.append(run_reference(raw, output))
-            shutil.rmtree(output, ignore_errors=True)
-            results.append((min(ours, key=lambda r: r["wall"]), min(peer, key=lambda r: r["wall"]) if peer else None))
+                    ours.append(run_etl(raw, output, ["--device", args.device, "--workers", str(args.workers),
+                                                      *(args.etl_args or "").split()], job))
+                    if with_peer:
+                        shutil.rmtree(output, ignore_errors=True)
+                        peer.append(run_reference(raw, output, job))
+                shutil.rmtree(output, ignore_errors=True)
+                results.append((min(ours, key=lambda r: r["wall"]),
+                                min(peer, key=lambda r: r["wall"]) if peer else None))
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)

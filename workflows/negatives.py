@@ -20,24 +20,40 @@ def pair_keys(users, items, n_items: int, xp: ModuleType = np):
 
 
 
-def _contains(sorted_keys, queries, xp: ModuleType):
-    pos = xp.searchsorted(sorted_keys, queries)
-    pos = xp.minimum(pos, sorted_keys.size - 1)
-    return sorted_keys[pos] == queries
+# Bytes of the per-chunk "seen" map in _bad_draws: rows * n_items bytes at a time.
+SEEN_MAP_BYTES = 2**25
 
 
-def _bad_draws(sorted_keys, users, block, n_items: int, xp: ModuleType):
-    """True where a draw repeats an earlier one (in sorted order) of its row, or is one of the
-    row's user's items. Looked up in sorted order: with rows ordered by user, the queries are
-    then ascending, and the binary searches walk the keys in order (several times faster)."""
-    order = xp.argsort(block, axis=1, kind="stable")
-    ranked = xp.take_along_axis(block, order, axis=1)
-    bad_ranked = xp.zeros(block.shape, dtype=bool)
-    bad_ranked[:, 1:] = ranked[:, 1:] == ranked[:, :-1]
-    if sorted_keys.size:
-        bad_ranked |= _contains(sorted_keys, users * n_items + ranked, xp)
-    bad = xp.empty_like(bad_ranked)
-    xp.put_along_axis(bad, order, bad_ranked, axis=1)
+def _bad_draws(sorted_keys, users, block, n_items: int, xp: ModuleType, budget: int = SEEN_MAP_BYTES):
+    """True where a draw is one of its row's user's items, or repeats an earlier draw of its row.
+
+    A chunk of rows at a time, each row's user's items are marked in a (rows, n_items) byte map,
+    then the draws are checked and marked column by column: one random access per draw, where
+    a binary search over every key (and a sort of each row to find repeats) cost several times
+    more at ml-20m size.
+    """
+    users = users.ravel().astype(xp.int64)
+    bad = xp.empty(block.shape, dtype=bool)
+    first_key = xp.searchsorted(sorted_keys, users * n_items)
+    history = xp.searchsorted(sorted_keys, (users + 1) * n_items) - first_key
+    step = max(1, budget // n_items)
+    seen = xp.zeros(min(step, block.shape[0]) * n_items, dtype=bool)  # reused: fresh pages cost more than resets
+    for low in range(0, block.shape[0], step):
+        high = min(low + step, block.shape[0])
+        lengths = history[low:high]
+        rows = xp.repeat(xp.arange(high - low, dtype=xp.int64), lengths)
+        offsets = xp.cumsum(lengths) - lengths  # where each row's items start among `rows`
+        positions = xp.arange(rows.size, dtype=xp.int64) + xp.repeat(first_key[low:high] - offsets, lengths)
+        marked = rows * n_items + sorted_keys[positions] - users[low:high][rows] * n_items
+        seen[marked] = True
+        columns = (xp.arange(high - low, dtype=xp.int64)[:, None] * n_items + block[low:high]).T.copy()
+        bad_columns = xp.empty(columns.shape, dtype=bool)
+        for column, index in enumerate(columns):  # in order: a draw is checked against the earlier ones
+            bad_columns[column] = seen[index]
+            seen[index] = True
+        bad[low:high] = bad_columns.T
+        seen[marked] = False
+        seen[columns] = False
     return bad
 
 
