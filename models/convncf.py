@@ -17,9 +17,10 @@ order, so the second layer is one GEMM with no copy, and _FirstTwoLayers runs bo
 that fit in L2, recomputing the map in backward: the map (8,192 values a pair with RecBole's
 stack, the model's largest tensor) never goes to memory. Later kernel = stride layers are
 GEMMs over their patches; all of it bf16 under --amp's autocast, the last 32 -> 1 layer in fp32.
-Training is fp32 unless --amp: on a CPU without bf16 matrix units (this project's Zen 4, 1-2
-threads) the chunked small GEMMs ran slower in bf16 (291 against 143 ms a step, 2 threads).
-torch.compile (inductor, CPU) took 223 s to compile a step and then ran it 3x slower than eager.
+Training is fp32 unless --amp. On this project's 2-core CPU a step of 2,048 triples took
+148 ms in bf16 against 220 ms in fp32 with 1 thread, but 291 against 143 ms with 2 threads
+(docs/benchmarks.md). torch.compile (inductor, CPU) took 223 s to compile a step and then ran
+it 3x slower than eager.
 On the old path (one bmm, then oneDNN convolutions) ReLU's backward over the map, on
 mismatched layouts, took 40% of a step. Figures: docs/benchmarks.md (benchmarks/convncf.py).
 """
