@@ -19,8 +19,8 @@ stack, the model's largest tensor) never goes to memory. Later kernel = stride l
 GEMMs over their patches; all of it bf16 under --amp's autocast, the last 32 -> 1 layer in fp32.
 Training is fp32 unless --amp. On this project's 2-core CPU a step of 2,048 triples took
 148 ms in bf16 against 220 ms in fp32 with 1 thread, but 291 against 143 ms with 2 threads
-(docs/benchmarks.md). torch.compile (inductor, CPU) took 223 s to compile a step and then ran
-it 3x slower than eager.
+(unlocked), and a whole locked bf16 epoch was slower than fp32's (docs/benchmarks.md).
+torch.compile (inductor, CPU) took 223 s to compile a step, then ran it 3x slower than eager.
 On the old path (one bmm, then oneDNN convolutions) ReLU's backward over the map, on
 mismatched layouts, took 40% of a step. Figures: docs/benchmarks.md (benchmarks/convncf.py).
 """
