@@ -5,9 +5,11 @@ the full-catalogue ranking of every user and the test metrics of both after equa
 
 Settings are RecBole's ConvNCF defaults on both sides: embeddings 64, four convolutions of 32
 channels with kernels = strides 4, 4, 2, 2, dropout 0.2, L2 weights 0.1 / 0.1, BPR with one
-uniform negative, Adam lr 1e-3, 2,048 triples per step. RecBole (benchmarks/recbole_baseline.py
-in .venv-recbole), then ours (train_ncf.py; --amp: in bf16 autocast), each training --epochs epochs
-on our exact train positives; an epoch's seconds are its training pass only (negative sampling
+uniform negative redrawn when it is one of the user's training items (RecBole's sampler; ours:
+--negative-sampling exclude-seen), the whole train set shuffled each epoch, Adam lr 1e-3, 2,048
+triples per step. RecBole (benchmarks/recbole_baseline.py in .venv-recbole), then ours
+(train_ncf.py, fp32; --amp: in bf16 autocast), each training --epochs epochs on our exact train
+positives; an epoch's seconds are its training pass only (negative sampling
 included, evaluation not). Both are scored by models/ranking.py on our test lists (sampled
 HR@K / NDCG@K); ours also ranks every test user against the whole catalogue (full Recall@K /
 NDCG@K) in train_ncf.py's final evaluation, timed here. RecBole's full ranking (its forward
@@ -52,7 +54,10 @@ def train_ours(args, name: str, *extra: str) -> dict:
     out = args.out / name
     command = [sys.executable, str(REPO / "models" / "train_ncf.py"), "--data", str(args.data), "--output", str(out),
                "--force", "--model", "convncf", *STACK, "--batch-size", str(2 * TRIPLES), "--lr", "0.001",
-               "--beta1", "0.9", "--beta2", "0.999", "--negative-sampling", "uniform", "--epochs", str(args.epochs),
+               "--beta1", "0.9", "--beta2", "0.999", "--negative-sampling", "exclude-seen",
+               # all train files in one shuffled chunk, as RecBole shuffles the whole set: the ETL's
+               # files hold disjoint users, so one file a chunk trains half the users, then the rest
+               "--parts-per-chunk", "64", "--epochs", str(args.epochs),
                "--patience", "0", "--threads", str(args.threads), "--seed", str(args.seed), "--no-progress", *extra]
     last_epoch = None
     with subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, text=True) as process:

@@ -16,7 +16,11 @@ equals its stride, that bmm writes the first layer's map directly in the second 
 order, so the second layer is one GEMM with no copy, and _FirstTwoLayers runs both in chunks
 that fit in L2, recomputing the map in backward: the map (8,192 values a pair with RecBole's
 stack, the model's largest tensor) never goes to memory. Later kernel = stride layers are
-GEMMs over their patches; all of it bf16 under autocast, the last 32 -> 1 layer in fp32.
+GEMMs over their patches; all of it bf16 under --amp's autocast, the last 32 -> 1 layer in fp32.
+Training is fp32 unless --amp. On this project's 2-core CPU a step of 2,048 triples took
+148 ms in bf16 against 220 ms in fp32 with 1 thread, but 291 against 143 ms with 2 threads
+(unlocked), and a whole locked bf16 epoch was slower than fp32's (docs/benchmarks.md).
+torch.compile (inductor, CPU) took 223 s to compile a step, then ran it 3x slower than eager.
 On the old path (one bmm, then oneDNN convolutions) ReLU's backward over the map, on
 mismatched layouts, took 40% of a step. Figures: docs/benchmarks.md (benchmarks/convncf.py).
 """
@@ -38,33 +42,51 @@ def _chunks(total: int, per_row: int):
     return [slice(lo, min(lo + step, total)) for lo in range(0, total, step)]
 
 
-def _second_layer(item: torch.Tensor, user: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    first = F.relu(torch.bmm(item, user))  # [n, (candidates, B, j), (i, c)]
-    return F.linear(first.view(item.shape[0], -1, weight.shape[1]), weight, bias)
+def _second_layer(item: torch.Tensor, user: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                  out: torch.Tensor) -> torch.Tensor:
+    """relu(second layer) of relu(bmm(item, user)) into out: in place, and addmm's out= rather
+    than a torch.cat of the chunks (each ReLU, cat or bias add over a map is a pass over memory)."""
+    first = torch.bmm(item, user).relu_()  # [n, (candidates, B, j), (i, c)]
+    torch.addmm(bias, first.view(-1, weight.shape[1]), weight.t(), out=out.view(-1, weight.shape[0]))
+    return out.relu_()
+
+
+def _second_layer_out(item: torch.Tensor, user: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return item.new_empty(item.shape[0], item.shape[1] * user.shape[2] // weight.shape[1], weight.shape[0])
+
+
+def _second_layer_chunks(item, user, weight, bias) -> torch.Tensor:
+    out = _second_layer_out(item, user, weight)
+    for rows in _chunks(item.shape[0], item.shape[1] * user.shape[2]):
+        _second_layer(item[rows], user[rows], weight, bias, out[rows])
+    return out
 
 
 class _FirstTwoLayers(torch.autograd.Function):
-    """relu(bmm(item, user)) then the second layer's patch GEMM, chunk by chunk, keeping the
-    first layer's map (the model's largest tensor, 8,192 values a pair) for no longer than a
-    chunk: the backward recomputes it (a K = k + 1 bmm) instead of reading it back from memory."""
+    """relu(bmm(item, user)) then the second layer's patch GEMM and its ReLU, chunk by chunk,
+    keeping the first layer's map (the model's largest tensor, 8,192 values a pair) for no
+    longer than a chunk: the backward recomputes it (a K = k + 1 bmm) instead of reading it
+    back from memory."""
 
     @staticmethod
     def forward(ctx, item, user, weight, bias):
-        ctx.save_for_backward(item, user, weight)
-        parts = [_second_layer(item[rows], user[rows], weight, bias)
-                 for rows in _chunks(item.shape[0], item.shape[1] * user.shape[2])]
-        return torch.cat(parts)
+        out = _second_layer_chunks(item, user, weight, bias)
+        ctx.save_for_backward(item, user, weight, out)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        item, user, weight = ctx.saved_tensors
+        item, user, weight, out = ctx.saved_tensors
         grad_item, grad_user = torch.empty_like(item), torch.empty_like(user)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32)
-        grad_out = grad_out.to(item.dtype)
+        grad_out = torch.ops.aten.threshold_backward(grad_out.to(item.dtype), out, 0)
         for rows in _chunks(item.shape[0], item.shape[1] * user.shape[2]):
-            first = F.relu(torch.bmm(item[rows], user[rows]))
+            first = torch.bmm(item[rows], user[rows]).relu_()
             grad = grad_out[rows].reshape(-1, weight.shape[0])
-            grad_weight += grad.t().mm(first.view(grad.shape[0], -1))
+            if grad_weight.dtype == first.dtype:
+                grad_weight.addmm_(grad.t(), first.view(grad.shape[0], -1))
+            else:  # bf16 products, summed in fp32
+                grad_weight += grad.t().mm(first.view(grad.shape[0], -1))
             grad_first = torch.ops.aten.threshold_backward(grad.mm(weight).view(first.shape), first, 0)
             torch.bmm(grad_first, user[rows].transpose(1, 2), out=grad_item[rows])
             torch.bmm(item[rows].transpose(1, 2), grad_first, out=grad_user[rows])
@@ -73,14 +95,14 @@ class _FirstTwoLayers(torch.autograd.Function):
 
 
 def first_two_layers(item: torch.Tensor, user: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """_FirstTwoLayers when training; when tracing for serving, the same ops in one piece (a
-    traced loop would be unrolled for the example's size)."""
+    """relu(second layer): _FirstTwoLayers when training; when tracing for serving, the same ops
+    in one piece (a traced loop would be unrolled for the example's size)."""
     if torch.jit.is_tracing():
-        return _second_layer(item, user, weight, bias)
+        first = F.relu(torch.bmm(item, user))
+        return F.relu(F.linear(first.view(item.shape[0], -1, weight.shape[1]), weight, bias))
     if torch.is_grad_enabled():
         return _FirstTwoLayers.apply(item, user, weight, bias)
-    return torch.cat([_second_layer(item[rows], user[rows], weight, bias)
-                      for rows in _chunks(item.shape[0], item.shape[1] * user.shape[2])])
+    return _second_layer_chunks(item, user, weight, bias)
 
 
 class ConvNCF(Recommender):
@@ -185,8 +207,8 @@ class ConvNCF(Recommender):
             conv = self.convs[1]
             weight = conv.weight.permute(0, 3, 2, 1).reshape(conv.out_channels, -1)  # [C', (j, i, c)]
             dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else user_side.dtype
-            hidden = F.relu(first_two_layers(item_side.to(dtype), user_side.to(dtype), weight.to(dtype),
-                                             conv.bias.to(dtype)))
+            hidden = first_two_layers(item_side.to(dtype), user_side.to(dtype), weight.to(dtype),
+                                      conv.bias.to(dtype))
             channels = conv.out_channels
         else:
             hidden = F.relu(torch.bmm(item_side.to(user_side.dtype), user_side))  # bf16 under autocast
