@@ -88,6 +88,22 @@ def read_log(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
 
 
+def trained_once(tmp_path_factory, arguments):
+    """A module fixture's cache of CLI runs: `train(key)` runs train_ncf.py with `arguments(key)`
+    the first time a key is asked for, and returns (run directory, completed process)."""
+    done = {}
+
+    def train(key: str):
+        if key not in done:
+            out = tmp_path_factory.mktemp(key) / "run"
+            result = run([*TRAIN, "--output", out, *arguments(key)])
+            assert result.returncode == 0, result.stderr[-3000:]
+            done[key] = out, result
+        return done[key]
+
+    return train
+
+
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
     return write_planted_etl(tmp_path_factory.mktemp("planted") / "etl")

@@ -13,7 +13,7 @@ import torch
 from merlin_ncf.models import registry
 from merlin_ncf.serving.server_runtime import free_port
 from test_model_contract import Toy  # biased MF: what a maintainer adding a model writes
-from test_train_cli import REPO, TORCHRUN, TRAIN, popularity_hit_rate, read_log, run, write_planted_etl
+from test_train_cli import REPO, TORCHRUN, TRAIN, popularity_hit_rate, read_log, run, trained_once, write_planted_etl
 
 COMMON = ["--no-progress", "--seed", "3", "--threads", "1"]
 # Small models and batches: an epoch is well under a second each (ConvNCF: a few seconds).
@@ -42,18 +42,8 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def runs(tiny, tmp_path_factory):
     """Each model's CLI run, trained once for the tests that read it."""
-    done = {}
-
-    def train(name: str):
-        if name not in done:
-            out = tmp_path_factory.mktemp(name) / "run"
-            result = run([*TRAIN, "--data", tiny, "--output", out, "--model", name, "--epochs", EPOCHS[name],
-                          *SMALL[name], *COMMON])
-            assert result.returncode == 0, result.stderr[-3000:]
-            done[name] = out, result
-        return done[name]
-
-    return train
+    return trained_once(tmp_path_factory, lambda name: ["--data", tiny, "--model", name, "--epochs", EPOCHS[name],
+                                                        *SMALL[name], *COMMON])
 
 
 @pytest.mark.parametrize("name", ["neumf", "gmf", "mlp", "multvae", "convncf"])

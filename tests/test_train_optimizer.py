@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from merlin_ncf.serving.server_runtime import free_port
-from test_train_cli import KILL, REPO, SMALL, TORCHRUN, TRAIN, read_log, run, write_planted_etl
+from test_train_cli import KILL, REPO, SMALL, TORCHRUN, TRAIN, read_log, run, trained_once, write_planted_etl
 
 EPOCHS = 3
 COMMON = [*SMALL, "--epochs", str(EPOCHS), "--threads", "1"]
@@ -26,17 +26,7 @@ def planted(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(planted, tmp_path_factory):
-    done = {}
-
-    def train(optimizer: str):
-        if optimizer not in done:
-            out = tmp_path_factory.mktemp(optimizer) / "run"
-            result = run([*TRAIN, "--data", planted, "--output", out, *COMMON, "--optimizer", optimizer])
-            assert result.returncode == 0, result.stderr[-3000:]
-            done[optimizer] = out, result
-        return done[optimizer]
-
-    return train
+    return trained_once(tmp_path_factory, lambda optimizer: ["--data", planted, *COMMON, "--optimizer", optimizer])
 
 
 def test_row_wise_adam_equals_torch_sparse_adam():
