@@ -94,6 +94,13 @@ def flag(frame, stats, validation: bool):
     return frame
 
 
+def flag_all(rows, stats, validation: bool):
+    """`flag` over every partition of a Dask frame, with `stats` (computed) sent once."""
+    import dask
+
+    return rows.map_partitions(flag, dask.delayed(stats), validation, meta=flag(rows._meta, stats.iloc[:0], validation))
+
+
 def held_out(frame, which: int):
     """Rows of one list, once encoded: the out-of-vocabulary pseudo-user keeps all in train."""
     return (frame[HOLDOUT] == which) & (frame[USER] >= FIRST_INDEX)

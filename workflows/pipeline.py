@@ -96,8 +96,7 @@ def execute(opts: EtlOptions, source: Path, dataset_name: str, backend: Backend,
     with clock.phase("encode") as notes:
         loo_split = opts.split != "time"
         if loo_split:  # flagged before encoding, so that the encoded rows go straight to their lists
-            kept = kept.map_partitions(loo.flag, dask.delayed(users), opts.validation,
-                                       meta=loo.flag(kept._meta, users.iloc[:0], opts.validation))
+            kept = loo.flag_all(kept, users, opts.validation)
         passthrough = [ORDER_KEY, loo.HOLDOUT] if loo_split else [ORDER_KEY]
         etl_workflow, saved_workflow = graph.encoding(opts.freq_threshold, work / "categories", passthrough)
         data = split.to_dataset(kept, backend)

@@ -103,7 +103,7 @@ def split_latest(interactions: Path, work_dir: Path, name: str, backend: Backend
     rows, with order keys) under work_dir; returns their paths."""
     rows = read_parquet(interactions, backend, INTERACTION)
     users = loo.user_stats(rows).compute()
-    flagged = rows.map_partitions(loo.flag, dask.delayed(users), False, meta=loo.flag(rows._meta, users.iloc[:0], False))
+    flagged = loo.flag_all(rows, users, False)
     held = loo.held_out(flagged, loo.TEST)
     positives, rest = work_dir / f"{name}_positives", work_dir / f"{name}_rest"
     write_parquet({positives: flagged[held][PAIR], rest: flagged[~held][INTERACTION]})
