@@ -9,8 +9,12 @@ Without torchrun's environment everything degrades to a single process.
 from __future__ import annotations
 
 import gc
+import logging
 import os
+import sys
+import traceback
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -66,6 +70,30 @@ class Context:
             dist.barrier()
         gc.collect()  # the unreachable DDP wrappers and what they hold, now
         dist.destroy_process_group()
+
+
+def end_rank(code: int) -> NoReturn:
+    """End a process that has run DDP, without interpreter finalization.
+
+    torch's DistributedDataParallel keeps its process group alive past destroy_process_group
+    (torch 2.13: after close(), a rank still runs Gloo's pt_gloo_runloop and gloo_tcp_loop
+    threads, with or without a DDP step, and however the wrapper is released). They ran on
+    through interpreter finalization and static destruction, which intermittently aborted a rank
+    ("terminate called without an active exception", "malloc(): unaligned tcache chunk
+    detected"); pytorch/pytorch#179291 describes the same teardown. By the time this is called
+    every output is written, so the process reports what it would have (an exception in flight
+    prints its traceback, exit 1) and leaves through os._exit."""
+    in_flight = sys.exc_info()[1]
+    if isinstance(in_flight, KeyboardInterrupt):
+        print("interrupted", file=sys.stderr)
+        code = 130
+    elif in_flight is not None:
+        traceback.print_exc()
+        code = 1
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def from_environment(device: torch.device) -> Context:

@@ -519,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     context = None
     finished = False
+    code = 1
     try:
         import torch
 
@@ -547,10 +548,15 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except UserError as exc:
         print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        code = EXIT_USER_ERROR
+        return code
     finally:
         if context is not None:
             context.close(finished)
+            if context.distributed:
+                from merlin_ncf.models.ddp import end_rank
+
+                end_rank(code)
 
 
 if __name__ == "__main__":

@@ -215,6 +215,53 @@ def test_closing_the_context_tears_down_the_ddp_group_before_exit(tmp_path):
     assert result.stdout.count("left False") == 2, result.stdout
 
 
+# Loaded at every interpreter start (PYTHONPATH): at the start of interpreter finalization it
+# reports the Gloo threads (torch's pt_gloo_runloop workers, gloo's gloo_tcp_loop) still running.
+FINALIZATION_PROBE = """
+import atexit, os, sys
+
+def report():
+    names = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            names.append(open(f"/proc/self/task/{task}/comm").read().strip())
+        except OSError:
+            pass
+    gloo = [name for name in names if "gloo" in name]
+    if gloo:
+        print(f"finalizing with Gloo threads {sorted(gloo)}", file=sys.stderr, flush=True)
+
+atexit.register(report)
+"""
+
+
+def test_no_rank_finalizes_the_interpreter_while_gloo_threads_run(tiny, tmp_path):
+    """The cause of the intermittent SIGABRT of 2-process runs ("terminate called without an
+    active exception", "malloc(): unaligned tcache chunk detected"): torch's DDP keeps its Gloo
+    process group alive past destroy_process_group, so its threads ran on through interpreter
+    finalization and static destruction. Each rank now ends once its outputs are written and
+    flushed, without that teardown; its exit code, output and errors are kept."""
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    (probe / "sitecustomize.py").write_text(FINALIZATION_PROBE)
+    env = {"PYTHONPATH": str(probe)}
+    out = tmp_path / "run"
+
+    def torchrun(*extra):
+        return run([*TORCHRUN, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", free_port(),
+                    str(REPO / "models" / "train_ncf.py"), "--data", tiny, "--output", out, "--model", "gmf",
+                    "--epochs", "1", *SMALL["gmf"], *COMMON, *extra], env=env, timeout=300)
+
+    whole = torchrun("--optimizer", "adam")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    assert "finalizing with Gloo threads" not in whole.stderr, whole.stderr[-3000:]
+    assert whole.stdout.count("final test HR@10") == 1 and (out / "model.ts").exists()  # all of it was flushed
+    # A user error raised after the ranks joined the group: one line from each rank, exit 2.
+    refused = torchrun("--resume", "--optimizer", "sparse-adam")
+    assert refused.stderr.count("train_ncf.py: error: the checkpoint was trained with --optimizer adam") == 2
+    assert "exitcode  : 2" in refused.stderr and "finalizing with Gloo threads" not in refused.stderr
+
+
 def test_a_toy_model_with_one_registry_line_trains_through_the_cli(tiny, tmp_path, monkeypatch, capsys):
     from merlin_ncf.models.train_ncf import main
 
