@@ -57,13 +57,11 @@ class Context:
             dist.barrier()
 
     def close(self, finished: bool = False) -> None:
-        """Tear the process group down while the interpreter is fully alive. DDP sits in a
-        reference cycle that holds the group, so destroy_process_group() alone leaves the
-        Gloo group (its worker threads, its tensors) to the cyclic GC, which may run only
-        during interpreter finalization: a Gloo thread that then needs the GIL is ended with
-        pthread_exit, and a rank aborts ("terminate called without an active exception").
-        `finished`: every rank got here after its last collective, so they first wait for
-        each other (no rank tears its connections down while another still talks)."""
+        """Tear the process group down while the interpreter is fully alive: collect the DDP
+        wrapper (it sits in a reference cycle that holds the group) and destroy the group. torch's
+        DDP still keeps the Gloo group's threads alive after that, so a rank then ends through
+        end_rank. `finished`: every rank got here after its last collective, so they first wait
+        for each other (no rank tears its connections down while another still talks)."""
         if not (self.distributed and dist.is_initialized()):
             return
         if finished:
