@@ -87,6 +87,27 @@ def test_a_model_ts_that_is_not_the_configured_model_is_an_error_not_a_silent_fa
         _catalogue(run, "neumf")
 
 
+def test_export_checks_catalogue_for_unknown_users_too(etl_dir, model_runs, tmp_path):
+    """check_scoring compares catalogue.pt with model.pt for a known user and, with
+    --unknown-ids popularity, an unknown one: a catalogue.pt that scores unknown users with the
+    model instead of popularity is caught."""
+    from merlin_ncf.serving.checks import check_scoring
+    from merlin_ncf.serving.export import export
+    from merlin_ncf.serving.inputs import locate_inputs
+
+    run, model = model_runs["neumf"]
+    repo = tmp_path / "repo"
+    export(etl_dir, run, repo, flavour="python", top_k=0, unknown_ids="popularity", log=lambda *_: None)
+    inputs = locate_inputs(etl_dir, run)
+    check_scoring(repo, inputs)  # as exported: both paths agree
+    broken = tmp_path / "broken"
+    shutil.copytree(repo, broken)
+    catalogue, _ = _catalogue(run, "neumf")  # without the popularity wrapper
+    torch.jit.save(catalogue, str(broken / "model" / "1" / "catalogue.pt"))
+    with pytest.raises(ServingError, match="catalogue.pt scores differ from model.pt's"):
+        check_scoring(broken, inputs)
+
+
 def _rank_by_sorting_everything(candidates, scores, k):
     _, first = np.unique(candidates, return_index=True)
     first.sort()
