@@ -144,7 +144,7 @@ def test_served_scores_equal_in_process_scores(client, reference):
 
 
 def test_served_top_k_equals_in_process_ranking(client, reference, repository):
-    # NeuMF ranks every item through its catalogue scorer (serving/catalogue.py), not pairs.
+    # NeuMF ranks every item through catalogue.pt (its own score_all, serving/catalogue.py), not pairs.
     assert (repository / "model" / "1" / "catalogue.pt").is_file()
     user = int(reference.users[7])
     top = client.recommend(user, top_k=10)  # among every item the user has not interacted with
