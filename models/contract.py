@@ -11,7 +11,11 @@ A model is a `Recommender` subclass that declares
   schedules inside the loss such as Mult-VAE's KL annealing);
 - `score(user [B], items [B, C]) -> [B, C]`: higher is better (sampled metrics, serving);
 - `score_all(user [B]) -> [B, nb_items]`: every item, masking nothing (full ranking; the
-  default chunks score() over the catalogue, models override it when one product does it);
+  default chunks score() over the catalogue, models override it when one product does it:
+  those have all-item scoring, which serving traces as catalogue.pt, see `every_item_module`);
+- `item_side() -> {name: tensor}` and `score_all_with(user, side)`: score_all split into its
+  user-independent part, which every_item_module computes once at export, and the rest
+  (default: nothing to precompute);
 - `score_pairs(user [N], item [N]) -> [N]`: what serving traces (see `serving_module`);
 - `output`: "logit" when sigmoid(score) is a probability (pointwise BCE models), else "score";
 - `config`: its constructor's keyword arguments, JSON-serialisable, with `nb_users` and
@@ -130,6 +134,18 @@ class Recommender(nn.Module):
             parts.append(self.score(user, items.expand(user.numel(), -1)))
         return torch.cat(parts, dim=1)
 
+    def item_side(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def score_all_with(self, user: torch.Tensor, side: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.score_all(user)
+
+    @classmethod
+    def scores_all_items(cls) -> bool:
+        """Whether the model has its own all-item scoring (overrides score_all), rather than
+        the default that chunks score() over the catalogue."""
+        return cls.score_all is not Recommender.score_all
+
     def score_pairs(self, user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
         return self.score(user, item.unsqueeze(1)).squeeze(1)
 
@@ -176,10 +192,44 @@ class PairScorer(nn.Module):
         return torch.sigmoid(scores) if self.probability else scores
 
 
+class EveryItemScorer(nn.Module):
+    """forward(user int64[1]) -> float32[nb_items]: the model's score_all for one user, as
+    PairScorer gives it (sigmoid for "logit" models), with item_side() computed once here and
+    kept as buffers: a request does only the user-dependent part."""
+
+    def __init__(self, model: Recommender):
+        super().__init__()
+        self.model = model
+        self.probability = model.output == "logit"
+        with torch.no_grad():
+            side = model.item_side()
+        self.side_names = list(side)
+        for name, rows in side.items():
+            self.register_buffer(f"side_{name}", rows.detach().clone())
+
+    def forward(self, user: torch.Tensor) -> torch.Tensor:
+        side = {name: getattr(self, f"side_{name}") for name in self.side_names}
+        scores = self.model.score_all_with(user, side).squeeze(0).float()
+        return torch.sigmoid(scores) if self.probability else scores
+
+
+def _for_tracing(model: Recommender) -> Recommender:
+    return copy.deepcopy(model).cpu().eval().requires_grad_(False)
+
+
 def serving_module(model: Recommender) -> torch.jit.ScriptModule:
     """The TorchScript model.ts of any registered model. Traced in eval mode, so that
     training-only branches (dropout masks, Mult-VAE's sampling) are pruned."""
-    model = copy.deepcopy(model).cpu().eval().requires_grad_(False)
     example = (torch.tensor([0, 1, 0], dtype=torch.int64), torch.tensor([0, 0, 1], dtype=torch.int64))
     with torch.no_grad():
-        return torch.jit.trace(PairScorer(model), example, check_trace=False)
+        return torch.jit.trace(PairScorer(_for_tracing(model)), example, check_trace=False)
+
+
+def every_item_module(model: Recommender) -> torch.jit.ScriptModule | None:
+    """EveryItemScorer(model) traced (serving's catalogue.pt), or None for a model without
+    all-item scoring of its own (scores_all_items), which serving answers with pairs."""
+    if not model.scores_all_items():
+        return None
+    with torch.no_grad():
+        return torch.jit.trace(EveryItemScorer(_for_tracing(model)), (torch.tensor([0], dtype=torch.int64),),
+                               check_trace=False)

@@ -90,6 +90,25 @@ class NeuMF(Recommender):
         flat = item.dim() == 1
         if flat:
             item = item.unsqueeze(1)
+        logits = self.score_all_with(user, self.item_side(item))
+        return logits.squeeze(1) if flat else logits
+
+    def item_side(self, item: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The user-independent half of scoring: GMF's item rows and the item half of the
+        first MLP layer (item_emb @ W_item + b), of `item` [B, K], or of every item (None):
+        computed once per score_all call (once at export for serving) instead of once per pair."""
+        side = {}
+        if self.use_gmf:
+            side["gmf"] = self.gmf_item.weight if item is None else self.gmf_item(item)
+        if self.use_mlp:
+            first, bias = self.mlp_first.scaled_parameters()
+            rows = self.mlp_item.weight if item is None else self.mlp_item(item)
+            side["mlp"] = F.linear(rows, first[:, self.mlp_user.embedding_dim:], bias)
+        return side
+
+    def score_all_with(self, user: torch.Tensor, side: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits [B, K] of user [B] against item_side()'s rows: [B, K, ...] per user, or
+        [K, ...] shared by every user (broadcast)."""
         # final(cat(gmf, mlp)) computed branch by branch, so that the [B, K, factors] GMF
         # product is never materialised: (u * i) . w_gmf = i . (u * w_gmf), a batched dot.
         weight = self.final.weight.squeeze(0)
@@ -97,16 +116,23 @@ class NeuMF(Recommender):
         if self.use_gmf:
             mf_dim = self.gmf_user.embedding_dim
             user_side = self.gmf_user(user) * weight[:mf_dim]
-            logits = logits + torch.bmm(self.gmf_item(item), user_side.unsqueeze(2)).squeeze(2)
+            logits = logits + torch.matmul(side["gmf"], user_side.unsqueeze(2)).squeeze(2)
             weight = weight[mf_dim:]
         if self.use_mlp:
-            half = self.mlp_user.embedding_dim
-            first, bias = self.mlp_first.scaled_parameters()
-            user_part = F.linear(self.mlp_user(user), first[:, :half])
-            item_part = F.linear(self.mlp_item(item), first[:, half:], bias)
-            hidden = self.mlp_rest(self.mlp_first.activate(item_part + user_part.unsqueeze(1)))
+            first, _ = self.mlp_first.scaled_parameters()
+            user_part = F.linear(self.mlp_user(user), first[:, :self.mlp_user.embedding_dim])
+            hidden = self.mlp_rest(self.mlp_first.activate(side["mlp"] + user_part.unsqueeze(1)))
             logits = logits + F.linear(hidden, weight.unsqueeze(0)).squeeze(2)
-        return logits.squeeze(1) if flat else logits
+        return logits
+
+    def score_all(self, user: torch.Tensor) -> torch.Tensor:
+        side = self.item_side()
+        # Chunks of items bound the [B, chunk, layer width] activations, as the default score_all.
+        width = max(1, self.score_all_chunk // max(1, user.numel()))
+        if width >= self.num_items:
+            return self.score_all_with(user, side)
+        return torch.cat([self.score_all_with(user, {key: rows[lo:lo + width] for key, rows in side.items()})
+                          for lo in range(0, self.num_items, width)], dim=1)
 
     def score(self, user: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         return self.forward(user, items)

@@ -72,21 +72,27 @@ def check_scoring(repo: Path, inputs: ExportInputs) -> None:
     if inputs.run.score_kind == "probability" and (scores.min() < 0 or scores.max() > 1):
         raise ServingError(f"{inputs.torchscript} returned scores outside [0, 1]: its run's output is "
                            f"{inputs.run.output!r}, so model.ts must return probabilities")
-    check_catalogue(repo, pairs_user[0], items, scores[:-1])
+    check_catalogue(repo, model, items, (int(pairs_user[0]), 0))
 
 
-def check_catalogue(repo: Path, user: int, items: np.ndarray, expected) -> None:
-    """The model step's catalogue.pt (if any) must give every item model.pt's score."""
+def check_catalogue(repo: Path, model, items: np.ndarray, users: tuple[int, ...]) -> None:
+    """The model step's catalogue.pt (if any) must give every item model.pt's score, for each
+    of `users`: a known user, and a reserved index (an unknown user: popularity where export
+    wrapped both in it, else the model's score of that row, either way the same in both)."""
     import torch
 
     path = repo / MODEL_STEP / VERSION / CATALOGUE_FILE
     if not path.is_file():
         return
+    catalogue, items = load_torchscript(path), torch.from_numpy(items)
     with torch.inference_mode():
-        scores = load_torchscript(path)(torch.tensor([user]))[torch.from_numpy(items)]
-    if not torch.allclose(scores, expected, atol=1e-5, rtol=0):
-        worst = float((scores - expected).abs().max())
-        raise ServingError(f"{path} scores differ from model.pt's by up to {worst:.2e} (a bug in serving/catalogue.py)")
+        for user in users:
+            expected = model(torch.full_like(items, user), items)
+            scores = catalogue(torch.tensor([user]))[items]
+            if not torch.allclose(scores, expected, atol=1e-5, rtol=0):
+                worst = float((scores - expected).abs().max())
+                raise ServingError(f"{path} scores differ from model.pt's for user index {user} by up to {worst:.2e} "
+                                   "(a bug in serving/catalogue.py or the model's score_all)")
 
 
 def verify_with_server(repo: Path, inputs: ExportInputs, flavour: str, recommend: bool) -> None:

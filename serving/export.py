@@ -50,12 +50,13 @@ def export(data: Path, run: Path, output: Path, flavour: str = "auto", top_k: in
     check_output(output, data, run, overwrite)
     inputs = locate_inputs(data, run)
     flavour = resolve_flavour(flavour)
+    pairs = inputs.model  # model.ts, loaded once: model.pt, and the weights of catalogue.pt
     popularity = None
     if unknown_ids == "popularity":
         from merlin_ncf.serving.history import item_popularity, with_popularity
 
         popularity = item_popularity(inputs.spec)
-        inputs.model = with_popularity(inputs.model, popularity, inputs.spec.first_item_index)
+        inputs.model = with_popularity(pairs, popularity, inputs.spec.first_item_index)
     with atomic_directory(output, kind=REPOSITORY_KIND) as staging:
         log(f"workflow step from {inputs.workflow_dir}")
         steps.write_workflow_step(staging, inputs, unknown_ids, instances, top_k or 10, exclude_seen)
@@ -64,12 +65,15 @@ def export(data: Path, run: Path, output: Path, flavour: str = "auto", top_k: in
         if flavour == "libtorch":
             steps.write_libtorch_model_step(staging, inputs)
         else:
-            from merlin_ncf.serving.catalogue import catalogue_scorer
+            from merlin_ncf.serving.catalogue import catalogue_module
 
-            catalogue = catalogue_scorer(run, inputs.run.name, inputs.run.score_kind == "probability", popularity,
-                                         inputs.spec.first_item_index)
-            if catalogue is not None:
-                log("ranking every item: one pass over the catalogue (item half of the first MLP layer precomputed)")
+            catalogue = catalogue_module(inputs.run, inputs.torchscript, pairs)
+            if catalogue is None:
+                log(f"ranking every item: {inputs.run.name} has no all-item scoring of its own, so it scores pairs")
+            else:
+                log(f"ranking every item: {inputs.run.name}'s own all-item scoring, one pass over the catalogue")
+                if popularity is not None:
+                    catalogue = with_popularity(catalogue, popularity, inputs.spec.first_item_index, every_item=True)
             steps.write_python_model_step(staging, inputs, instances, catalogue)
         ensembles.write_scores_ensemble(staging, inputs)
         if top_k:

@@ -40,8 +40,9 @@ def item_popularity(spec: FeatureSpec) -> np.ndarray:
 
 
 class UnknownUsersByPopularity(torch.nn.Module):
-    """forward(user, item) of the run's model, except that users below `first_index`
-    (Categorify's reserved indices: ids unseen at ETL time) get the item's popularity."""
+    """The run's scoring, except that users below `first_index` (Categorify's reserved indices:
+    ids unseen at ETL time) get item popularity: forward(user [N], item [N]) -> [N] around
+    model.pt, or forward(user [1]) -> [num_items], every item, around catalogue.pt."""
 
     def __init__(self, model: torch.jit.ScriptModule, popularity: np.ndarray, first_index: int):
         super().__init__()
@@ -49,12 +50,21 @@ class UnknownUsersByPopularity(torch.nn.Module):
         self.register_buffer("popularity", torch.from_numpy(popularity))
         self.first_index = first_index
 
-    def forward(self, user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
+    def forward(self, user: torch.Tensor, item: torch.Tensor | None = None) -> torch.Tensor:
         unknown = user < self.first_index
         # The model is asked about a known user instead: no model has to score a reserved row.
-        scores = self.model(torch.where(unknown, torch.full_like(user, self.first_index), user), item)
-        return torch.where(unknown, self.popularity[item], scores)
+        known = torch.where(unknown, torch.full_like(user, self.first_index), user)
+        if item is None:
+            return torch.where(unknown, self.popularity, self.model(known))
+        return torch.where(unknown, self.popularity[item], self.model(known, item))
 
 
-def with_popularity(model: torch.jit.ScriptModule, popularity: np.ndarray, first_index: int) -> torch.jit.ScriptModule:
-    return torch.jit.script(UnknownUsersByPopularity(model, popularity, first_index))
+def with_popularity(model: torch.jit.ScriptModule, popularity: np.ndarray, first_index: int,
+                    every_item: bool = False) -> torch.jit.ScriptModule:
+    """`model` (model.pt, or with `every_item` catalogue.pt) wrapped in UnknownUsersByPopularity.
+    Traced, not scripted: one class serves both signatures (tracing keeps the branch taken)."""
+    wrapper = UnknownUsersByPopularity(model, popularity, first_index)
+    user = torch.tensor([first_index], dtype=torch.int64)
+    example = (user,) if every_item else (user.repeat(2), torch.tensor([0, 1], dtype=torch.int64))
+    with torch.no_grad():
+        return torch.jit.trace(wrapper, example, check_trace=False)

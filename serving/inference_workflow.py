@@ -198,7 +198,7 @@ class RequestEncoder:
         encoded_users = self._encode(users, np.resize(vocabulary, users.size))[user_column]
         # Categorify encodes each value on its own, so the workflow's answer for every fitted
         # value, kept in a hash index, is its answer in any request: a lookup of ~10 us instead
-        # of a pass through merlin.dag's executor (~1 ms). Ids outside it still go through the workflow.
+        # of a pass through merlin.dag's executor (~1 ms). Only ids outside it go through the workflow.
         self._lookup = {user_column: (pd.Index(users), encoded_users), item_column: (pd.Index(vocabulary), encoded[item_column])}
 
     @classmethod
@@ -216,23 +216,22 @@ class RequestEncoder:
         return self.workflow.raw_ids(self.user_column, self.workflow.vocabulary(self.user_column)[:1])
 
     def _encode(self, users: np.ndarray, items: np.ndarray) -> dict[str, np.ndarray]:
-        looked_up = self._look_up({self.user_column: users, self.item_column: items})
-        if looked_up is not None:
-            return looked_up
+        """Both columns through the workflow (at start-up, to build the lookup)."""
         encoded = self.workflow.transform({self.user_column: users, self.item_column: items})
         return {column: values.astype(np.int64, copy=False) for column, values in encoded.items()}
 
-    def _look_up(self, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
-        """Every column's codes from the fitted values' index, or None if any value is not in it."""
-        if not self._lookup:
-            return None
-        encoded = {}
-        for column, values in columns.items():
-            index, codes = self._lookup[column]
-            positions = index.get_indexer(values)
-            if positions.size and positions.min() < 0:
-                return None
-            encoded[column] = codes[positions]
+    def _look_up(self, column: str, values: np.ndarray) -> np.ndarray:
+        """Each value's code from the fitted values' index; only values outside it (unseen at
+        fit time) go through the workflow, paired with a fitted value of the other column."""
+        index, codes = self._lookup[column]
+        positions = index.get_indexer(values)
+        encoded = codes[positions]  # a copy; the unseen (position -1) are replaced below
+        unseen = positions < 0
+        if unseen.any():
+            other = self.item_column if column == self.user_column else self.user_column
+            strangers = values[unseen]
+            partner = np.resize(self._lookup[other][0][:1].to_numpy(), strangers.size)
+            encoded[unseen] = self._encode(*((strangers, partner) if column == self.user_column else (partner, strangers)))[column]
         return encoded
 
     def encode(self, users: np.ndarray, items: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -248,23 +247,22 @@ class RequestEncoder:
         if items.size == 0:
             raise RequestError(f"{self.item_column} is empty: send item ids, or leave {self.item_column} out "
                                "of a 'recommend' request to rank every item")
-        if users.size == 1 and items.size > 1:
-            users = np.repeat(users, items.size)
-        if users.size != items.size:
+        if users.size not in (1, items.size):
             raise RequestError(
                 f"{users.size} {self.user_column} values for {items.size} {self.item_column} values: "
                 "send one user id, or one per item id"
             )
-        encoded = self._encode(users, items)
+        # One user with many items (the usual request) is looked up once, then repeated.
+        encoded_users, encoded_items = self._look_up(self.user_column, users), self._look_up(self.item_column, items)
         if self.unknown_ids == "error":
-            self._reject_unknown(self.user_column, users, encoded[self.user_column])
+            self._reject_unknown(self.user_column, users, encoded_users)
         if self.unknown_ids != "oov":
-            self._reject_unknown(self.item_column, items, encoded[self.item_column])
-        return encoded[self.user_column], encoded[self.item_column], items
+            self._reject_unknown(self.item_column, items, encoded_items)
+        return np.resize(encoded_users, items.size), encoded_items, items
 
     def _encode_for_all_items(self, user: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        # The items were encoded once at start-up: only the user goes through the workflow.
-        encoded_user = self._encode(user, self.all_items[:1])[self.user_column]
+        # The items were encoded once at start-up: only the user is looked up.
+        encoded_user = self._look_up(self.user_column, user)
         if self.unknown_ids == "error":
             self._reject_unknown(self.user_column, user, encoded_user)
         items, raw = self.all_items_encoded, self.all_items

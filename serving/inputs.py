@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from merlin_ncf.errors import UserError, one_line
@@ -25,6 +25,7 @@ class RunModel:
 
     name: str
     output: str  # "logit": model.ts returns sigmoid(logit), a probability; "score": a raw score
+    config: dict = field(default_factory=dict, compare=False)  # its constructor's arguments (registry.build_model)
 
     @property
     def score_kind(self) -> str:
@@ -43,7 +44,8 @@ def check_run_matches_data(run: Path, spec: FeatureSpec, warn=None) -> RunModel:
         config = json.loads((run / "config.json").read_text())
         sizes = config["model"]["config"]
         nb_users, nb_items = int(sizes["nb_users"]), int(sizes["nb_items"])
-        model = RunModel(str(config["model"].get("name", LEGACY_MODEL)), str(config.get("output", LEGACY_OUTPUT)))
+        model = RunModel(str(config["model"].get("name", LEGACY_MODEL)), str(config.get("output", LEGACY_OUTPUT)),
+                         dict(sizes))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ServingError(f"{run / 'config.json'} is not a training run's config (no model.config.nb_users/"
                            f"nb_items: {one_line(exc)})") from None

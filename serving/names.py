@@ -20,7 +20,6 @@ ITEM_ID, TITLE = "item_id", "title"
 # config.pbtxt parameters (string values).
 USER_COLUMN, ITEM_COLUMN = "user_column", "item_column"
 FIRST_INDEX, UNKNOWN_IDS, DEFAULT_K, TORCH_THREADS = "first_index", "unknown_ids", "default_k", "torch_threads"
-CATALOGUE_ROWS = "catalogue_rows"  # model step: item rows catalogue.pt scores (absent: no catalogue.pt)
 # On the model step and both ensembles: what `score` means ("probability" or "score") and
 # which registered model produced it; the client reads them from the `scores` config.
 SCORE_KIND, MODEL_NAME = "score_kind", "model_name"
@@ -33,4 +32,4 @@ UNKNOWN_IDS_CHOICES = ("error", "oov", "popularity")
 # Files inside the steps' version directories.
 SEEN_FILE = "seen.npz"  # workflow step: each user's items, left out when ranking every item
 ITEMS_FILE = "items.parquet"  # top-K step: raw item ids and titles
-CATALOGUE_FILE = "catalogue.pt"  # model step: every item's score for one user (NeuMF family)
+CATALOGUE_FILE = "catalogue.pt"  # model step: every item's score for one user (models with all-item scoring)

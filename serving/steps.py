@@ -76,7 +76,7 @@ def write_workflow_step(repo: Path, inputs: ExportInputs, unknown_ids: str, inst
 
 
 def write_python_model_step(repo: Path, inputs: ExportInputs, instances: int, catalogue=None) -> None:
-    """`catalogue`: the run's serving/catalogue.py scorer (every item for one user), if its family has one."""
+    """`catalogue`: the run's serving/catalogue.py module (every item for one user), if its family has one."""
     import torch
 
     version_dir = _python_model(repo / n.MODEL_STEP, MODEL_SOURCES / "model" / "model.py")
@@ -87,7 +87,6 @@ def write_python_model_step(repo: Path, inputs: ExportInputs, instances: int, ca
     set_parameters(config, **{n.USER_COLUMN: inputs.user, n.ITEM_COLUMN: inputs.item, n.TORCH_THREADS: 1})
     if catalogue is not None:
         torch.jit.save(catalogue, str(version_dir / n.CATALOGUE_FILE))
-        set_parameters(config, **{n.CATALOGUE_ROWS: inputs.spec.num_items})
     describe_scores(config, inputs)
     write_config(repo / n.MODEL_STEP, config)
 

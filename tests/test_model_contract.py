@@ -15,8 +15,8 @@ import torch
 from torch.nn import functional as F
 
 from merlin_ncf.models import registry
-from merlin_ncf.models.contract import (DataFacts, PairwiseBatch, PointwiseBatch, Recommender, UserRowsBatch, positive_int,
-                             serving_module)
+from merlin_ncf.models.contract import (DataFacts, PairwiseBatch, PointwiseBatch, Recommender, UserRowsBatch, every_item_module,
+                             positive_int, serving_module)
 
 USERS, ITEMS = 20, 30
 
@@ -147,6 +147,24 @@ def test_serving_module_is_torchscript_pairs_to_float_scores(name):
     if model.output == "logit":
         expected = torch.sigmoid(expected)
     torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.usefixtures("with_toy")
+@pytest.mark.parametrize("name", ALL)
+def test_every_item_module_is_the_models_score_all_as_the_pairs_module_scores_it(name):
+    model = build_from_cli(name).eval()
+    assert registry.model_class(name).scores_all_items() == (name not in ("convncf", "toy"))
+    every_item = every_item_module(model)
+    if every_item is None:  # no all-item scoring of its own: serving scores pairs
+        return
+    pairs = serving_module(model)
+    with torch.no_grad():
+        for user in (0, 5, USERS - 1):
+            out = every_item(torch.tensor([user]))
+            assert out.dtype == torch.float32 and out.shape == (ITEMS,)
+            torch.testing.assert_close(out, pairs(torch.full((ITEMS,), user), torch.arange(ITEMS)))
+            expected = model.score_all(torch.tensor([user]))[0].float()
+            torch.testing.assert_close(out, torch.sigmoid(expected) if model.output == "logit" else expected)
 
 
 @pytest.mark.usefixtures("with_toy")

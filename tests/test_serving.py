@@ -144,7 +144,7 @@ def test_served_scores_equal_in_process_scores(client, reference):
 
 
 def test_served_top_k_equals_in_process_ranking(client, reference, repository):
-    # NeuMF ranks every item through its catalogue scorer (serving/catalogue.py), not pairs.
+    # NeuMF ranks every item through catalogue.pt (its own score_all, serving/catalogue.py), not pairs.
     assert (repository / "model" / "1" / "catalogue.pt").is_file()
     user = int(reference.users[7])
     top = client.recommend(user, top_k=10)  # among every item the user has not interacted with
@@ -331,6 +331,9 @@ def test_export_cli_rejects_bad_input_with_one_line_and_writes_nothing(serving_d
         (["--data", str(etl), "--run", str(garbage)], "not a loadable TorchScript module"),
         (["--data", str(broken_etl), "--run", str(broken_etl_run)], "cannot load the NVTabular workflow"),
         (["--data", str(etl), "--run", str(good), "--top-k", "-1"], "--top-k must be >= 0"),
+        # Its model.ts is not the neumf its config.json names: an error, not a silent fall-back to pairs.
+        (["--data", str(etl), "--run", str(too_small), "--flavour", "python"],
+         "model.ts does not hold the neumf model its config.json describes"),
         (["--data", str(etl), "--run", str(good), "--flavour", "libtorch", "--verify"], "has no pytorch backend"),
     ]
     output = tmp_path / "repo"
@@ -342,7 +345,8 @@ def test_export_cli_rejects_bad_input_with_one_line_and_writes_nothing(serving_d
     code, stderr = _export_cli("--data", str(etl), "--run", str(run), "--output", str(existing))
     assert code == 2 and "--overwrite" in stderr and [p.name for p in existing.iterdir()] == ["notes.txt"]
     # One case as a real process: the failure comes after the repository was half built.
-    done = subprocess.run([PYTHON, "serving/export.py", "--data", str(etl), "--run", str(too_small), "--output", str(output)],
+    done = subprocess.run([PYTHON, "serving/export.py", "--data", str(etl), "--run", str(too_small), "--output", str(output),
+                           "--flavour", "libtorch"],  # no catalogue.pt: the pair check finds it
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=180)
     assert done.returncode == 2, done.stderr
     assert done.stderr.count("\n") == 1 and "cannot score this ETL output's ids" in done.stderr, done.stderr

@@ -1,8 +1,9 @@
 """Model step on the python backend: the run's TorchScript scores encoded (user, item) pairs on CPU.
 
-Where export wrote `catalogue.pt` (the NeuMF family, serving/catalogue.py), a request pairing
-one user with a large share of the catalogue (ranking every item) is scored by it in one pass
-over every item row, then indexed: the same scores as model.pt's, without per-pair work.
+Where export wrote `catalogue.pt` (a model with all-item scoring, serving/catalogue.py), a
+request pairing one user with a large share of the catalogue (ranking every item) is scored by
+it in one pass over every item row, then indexed: the same scores as model.pt's, without
+per-pair work.
 """
 
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from common import answer_each, input_array, parameters
-from names import CATALOGUE_FILE, CATALOGUE_ROWS, ITEM_COLUMN, SCORE, TORCH_THREADS, USER_COLUMN
+from names import CATALOGUE_FILE, ITEM_COLUMN, SCORE, TORCH_THREADS, USER_COLUMN
 
 HERE = Path(__file__).resolve().parent
 
@@ -23,8 +24,13 @@ class TritonPythonModel:
         torch.set_num_threads(int(params.get(TORCH_THREADS, "1")))
         self.model = torch.jit.load(str(HERE / "model.pt"), map_location="cpu").eval()
         catalogue = HERE / CATALOGUE_FILE
-        self.catalogue = torch.jit.load(str(catalogue), map_location="cpu").eval() if catalogue.is_file() else None
-        self.catalogue_rows = int(params.get(CATALOGUE_ROWS, "0"))
+        self.catalogue, self.catalogue_rows = None, 0
+        if catalogue.is_file():
+            self.catalogue = torch.jit.load(str(catalogue), map_location="cpu").eval()
+            # Its rows, from the module itself (user 0, a reserved row, is valid for every model);
+            # this first call also warms it up.
+            with torch.inference_mode():
+                self.catalogue_rows = self.catalogue(torch.zeros(1, dtype=torch.int64)).numel()
 
     def execute(self, requests):
         return answer_each(requests, self._respond, (ValueError,))
