@@ -68,3 +68,25 @@ def test_user_stats_match_pandas_through_a_multi_level_tree():
     assert stats[loo.COUNT].tolist() == ranked.size().tolist()
     assert stats[loo.LATEST].tolist() == ranked.nth(0).sort_index().tolist()
     assert stats[loo.SECOND].tolist() == ranked.nth(1).reindex(stats.index, fill_value=loo.NONE).tolist()
+
+
+def test_repeated_hashes_are_the_hashes_seen_twice_in_any_partitions():
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    log = frame(rng.integers(0, 20, 300), rng.integers(0, 20, 300), np.arange(300))
+    runs = dd.from_pandas(log, npartitions=7, sort=False).map_partitions(loo.sorted_pair_hash).compute()
+    hashes = loo.pair_hash(log)
+    expected = np.sort(hashes[hashes.duplicated(keep=False)].unique())
+    assert len(expected) and loo.repeated_hashes(runs.to_numpy(), np).tolist() == expected.tolist()
+
+
+def test_statistics_of_two_disjoint_row_sets_combine_to_those_of_all():
+    import numpy as np
+
+    rng = np.random.default_rng(2)
+    log = frame(rng.integers(0, 15, 200), rng.integers(0, 50, 200), rng.permutation(200))
+    part = rng.random(200) < 0.1  # some users only in one set
+    whole = loo.user_stats(dd.from_pandas(log, npartitions=3, sort=False)).compute().sort_index()
+    others = loo.user_stats(dd.from_pandas(log[~part], npartitions=3, sort=False)).compute()
+    pd.testing.assert_frame_equal(loo.combine_stats(others, log[part]).sort_index(), whole, check_names=False)

@@ -4,7 +4,8 @@ Hand-written because NVTabular's JoinGroupby + Filter costs a fit pass, a join p
 intermediate and a dtype sample per step (most of the ETL's time); here the ETL reads its log
 once per statistic and joins nothing row-sized:
 
-- repeated (user, item) pairs: one 8-byte hash per row finds the candidates, checked exactly;
+- repeated (user, item) pairs: one 8-byte hash per row finds the candidates, checked exactly
+  (the statistics of the other rows come from that same pass);
 - per user: interaction count, latest and second-latest order key (one tree reduction whose
   partials hold one row per user), from which the activity filter and the held-out rows follow.
 
@@ -31,6 +32,24 @@ def pair_hash(frame):
     import pandas as pd
 
     return pd.util.hash_pandas_object(frame[PAIR], index=False)
+
+
+def sorted_pair_hash(frame):
+    """A partition's pair hashes, sorted: sorted here, in parallel, the whole log's hashes are
+    sorted runs that one merge (`repeated_hashes`) orders."""
+    hashes = pair_hash(frame)
+    if hasattr(hashes, "to_cupy"):  # cuDF
+        return hashes.sort_values(ignore_index=True)
+    import numpy as np
+    import pandas as pd
+
+    return pd.Series(np.sort(hashes.to_numpy()))
+
+
+def repeated_hashes(sorted_runs, xp):
+    """The hashes occurring more than once among the concatenated sorted runs (an array)."""
+    merged = xp.sort(sorted_runs, kind="stable")  # a merge of the runs (timsort), not a full sort
+    return xp.unique(merged[1:][merged[1:] == merged[:-1]])
 
 
 def later_duplicates(candidates):
@@ -77,6 +96,13 @@ def user_stats(ddf):
     meta = _chunk(ddf._meta)
     return ddf.reduction(_chunk, aggregate=_combine, combine=_combine, meta=meta, split_every=8,
                          token="user-stats")
+
+
+def combine_stats(stats, rows):
+    """Per-user statistics of two disjoint sets of rows: `stats` of one (computed) and the
+    other, `rows` (a computed frame)."""
+    module = _frame_module(stats)
+    return _combine(module.concat([stats, _chunk(rows)]))
 
 
 def flag(frame, stats, validation: bool):

@@ -95,13 +95,19 @@ def execute(opts: EtlOptions, source: Path, dataset_name: str, backend: Backend,
 
     with clock.phase("encode") as notes:
         loo_split = opts.split != "time"
-        if loo_split:  # flagged before encoding, so that the encoded rows go straight to their lists
-            kept = loo.flag_all(kept, users, opts.validation)
         passthrough = [ORDER_KEY, loo.HOLDOUT] if loo_split else [ORDER_KEY]
         etl_workflow, saved_workflow = graph.encoding(opts.freq_threshold, work / "categories", passthrough)
-        data = split.to_dataset(kept, backend)
-        etl_workflow.fit(data)
-        encoded = etl_workflow.transform(data).to_ddf()
+        rows = kept
+        if loo_split:  # flagged before encoding, so that the encoded rows go straight to their lists
+            kept = loo.flag_all(kept, users, opts.validation)
+        if backend.gpu:  # cuDF merges fast: Categorify's own transform
+            data = split.to_dataset(kept, backend)
+            etl_workflow.fit(data)
+            encoded = etl_workflow.transform(data).to_ddf()
+        else:  # fitted on the ids alone (no flags computed), applied by a lookup (graph.encode)
+            data = split.to_dataset(rows[graph.PAIR], backend)
+            saved_workflow.fit(data)
+            encoded = graph.encode_all(kept, graph.vocabularies(saved_workflow))
         saved_workflow.fit_schema(data.schema.select_by_name(graph.PAIR))
         saved_workflow.save(out / "workflow")
         schema = _id_schema(saved_workflow)
@@ -120,12 +126,11 @@ def execute(opts: EtlOptions, source: Path, dataset_name: str, backend: Backend,
             lists = {positives[name]: encoded[loo.held_out(encoded, which)][graph.PAIR]
                      for name, which in (("test", loo.TEST), ("validation", loo.VALIDATION)) if name in held_out}
             train_rows = ~(loo.held_out(encoded, loo.TEST) | loo.held_out(encoded, loo.VALIDATION))
-            # The negatives' exclusion keys come from the same pass: no second read of the encoded log.
-            keys = encoded.map_partitions(_pair_keys, n_items, backend.xp, meta=("key", "int64"))
-            keys, = split.write_parquet({**lists, remaining: encoded[train_rows][graph.PAIR]}, keys)
+            keys, = split.write_parquet({**lists, remaining: encoded[train_rows][graph.PAIR]},
+                                        _all_pair_keys(encoded, n_items, backend.xp))
         else:
-            split.write_parquet({work / "encoded": encoded[graph.INTERACTION]})
-            keys = None
+            keys, = split.write_parquet({work / "encoded": encoded[graph.INTERACTION]},
+                                        _all_pair_keys(encoded, n_items, backend.xp))
             cutoff = time_split.resolve(opts.cutoff, opts.cutoff_quantile, work / "encoded", backend, first_time,
                                         counts["raw_interactions"])
             positives, remaining, split_counts = time_split.split_at(
@@ -146,10 +151,6 @@ def execute(opts: EtlOptions, source: Path, dataset_name: str, backend: Backend,
 
     with clock.phase("negatives") as notes:
         xp = backend.xp
-        if keys is None:
-            pairs = split.read_parquet(work / "encoded", backend, graph.PAIR).compute()
-            keys = negatives.pair_keys(pairs[USER].values, pairs[ITEM].values, n_items, xp)
-            del pairs
         keys = xp.unique(xp.asarray(keys.values if hasattr(keys, "values") else keys))
         rng = xp.random.default_rng(opts.seed)
         for name in held_out:
@@ -187,17 +188,19 @@ def _filter(opts: EtlOptions, work: Path, has_rating: bool, backend: Backend, fi
     rows = split.read_ordered(work / "raw", backend, columns, first_time, n_rows)
     if opts.min_rating is not None:
         rows = rows[rows[RATING] >= opts.min_rating][graph.INTERACTION]
-    hashes = rows.map_partitions(loo.pair_hash, meta=(None, "uint64"))
+    hashes = rows.map_partitions(loo.sorted_pair_hash, meta=(None, "uint64"))
     hashes, users = dask.compute(hashes, loo.user_stats(rows))
-    repeated = hashes[hashes.duplicated(keep=False)].unique()
+    repeated = loo.repeated_hashes(hashes.values, backend.xp)
     del hashes
     rated = int(users[loo.COUNT].sum())
     if len(repeated):  # only rows whose pair hash repeats can repeat a pair: checked exactly
-        candidates = rows[rows.map_partitions(loo.pair_hash, meta=(None, "uint64")).isin(repeated)]
-        later = loo.later_duplicates(candidates.compute())
+        candidate = rows.map_partitions(loo.pair_hash, meta=(None, "uint64")).isin(repeated)
+        # One more pass: the candidates, and the statistics of every other row to combine with theirs.
+        candidates, others = dask.compute(rows[candidate], loo.user_stats(rows[~candidate]))
+        later = loo.later_duplicates(candidates)
         if len(later):
             rows = rows[~rows[ORDER_KEY].isin(later)]
-            users = loo.user_stats(rows).compute()
+            users = loo.combine_stats(others, candidates[~candidates[ORDER_KEY].isin(later)])
     duplicates = rated - int(users[loo.COUNT].sum())
     if opts.min_user_interactions > 1:
         users = users[users[loo.COUNT] >= opts.min_user_interactions]
@@ -232,6 +235,12 @@ def _pair_keys(frame, n_items: int, xp):
     return negatives.pair_keys(frame[USER].values, frame[ITEM].values, n_items, xp)
 
 
+def _all_pair_keys(encoded, n_items: int, xp):
+    """The negatives' exclusion keys of every encoded row, lazily: computed in the pass that
+    writes the split, so the encoded log is not read a second time for them."""
+    return encoded.map_partitions(_pair_keys, n_items, xp, meta=("key", "int64"))
+
+
 def _candidates(positives_path: Path, keys, n_items: int, k: int, rng, backend: Backend):
     positives = split.read_parquet(positives_path, backend, graph.PAIR).compute()
     positives = positives.sort_values(USER, kind="stable") if not backend.gpu else positives.sort_values(USER)
@@ -258,12 +267,7 @@ def _write_merlin(frame, directory: Path, schema, n_files: int, backend: Backend
 
 def _item_table(workflow, titles: pd.DataFrame | None) -> pd.DataFrame:
     """One row per encoded item: encoded id, raw id, and title/genres where known."""
-    from nvtabular.ops import Categorify
-    from merlin.dag import Graph
-
-    categorify = next(node.op for node in Graph.get_nodes_by_op_type([workflow.output_node], Categorify)
-                      if ITEM in node.op.categories)
-    uniques = pd.read_parquet(categorify.categories[ITEM])
+    uniques = pd.read_parquet(graph.categories_file(workflow, ITEM))
     items = pd.DataFrame({ITEM: uniques.index.astype("int64"), "raw_item_id": uniques[ITEM]})
     items = items[items[ITEM] >= graph.FIRST_INDEX].reset_index(drop=True)
     items["raw_item_id"] = items["raw_item_id"].astype(raw_id_dtype(items["raw_item_id"]))
