@@ -90,3 +90,13 @@ def test_statistics_of_two_disjoint_row_sets_combine_to_those_of_all():
     whole = loo.user_stats(dd.from_pandas(log, npartitions=3, sort=False)).compute().sort_index()
     others = loo.user_stats(dd.from_pandas(log[~part], npartitions=3, sort=False)).compute()
     pd.testing.assert_frame_equal(loo.combine_stats(others, log[part]).sort_index(), whole, check_names=False)
+
+
+def test_list_rows_split_a_partition_into_test_validation_and_train():
+    encoded = pd.DataFrame({"user_id": [FIRST_INDEX - 1, FIRST_INDEX, FIRST_INDEX, FIRST_INDEX + 1],
+                            "item_id": [10, 11, 12, 13],
+                            loo.HOLDOUT: [loo.TEST, loo.TEST, loo.VALIDATION, loo.TRAIN]})
+    rows = {which: loo.list_rows(encoded, which) for which in (loo.TEST, loo.VALIDATION, loo.TRAIN)}
+    assert rows[loo.TEST]["item_id"].tolist() == [11] and rows[loo.VALIDATION]["item_id"].tolist() == [12]
+    assert rows[loo.TRAIN]["item_id"].tolist() == [10, 13]  # the OOV pseudo-user's rows stay in train
+    assert all(list(r.columns) == PAIR for r in rows.values())

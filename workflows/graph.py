@@ -67,15 +67,15 @@ def encode(frame, tables: dict):
     the ETL's largest single cost; a hash lookup gives the same ids (tests/test_etl_workflow.py)."""
     import numpy as np
 
-    frame = frame.copy()
+    columns = {c: frame[c].values for c in frame.columns}
     for column, (index, codes) in tables.items():
         values = frame[column]
         found = index.get_indexer(values)
         encoded = np.where(found >= 0, codes[found], OOV_INDEX)
         if values.hasnans:
             encoded[values.isna().to_numpy()] = NULL_INDEX
-        frame[column] = encoded
-    return frame
+        columns[column] = encoded
+    return type(frame)(columns)
 
 
 def encode_all(ddf, tables: dict):

@@ -48,8 +48,10 @@ def sorted_pair_hash(frame):
 
 def repeated_hashes(sorted_runs, xp):
     """The hashes occurring more than once among the concatenated sorted runs (an array)."""
-    merged = xp.sort(sorted_runs, kind="stable")  # a merge of the runs (timsort), not a full sort
-    return xp.unique(merged[1:][merged[1:] == merged[:-1]])
+    from merlin_ncf.workflows.negatives import merge_sorted_runs, unique_sorted_runs
+
+    merged = merge_sorted_runs(sorted_runs, xp)
+    return unique_sorted_runs(merged[1:][merged[1:] == merged[:-1]], xp)
 
 
 def later_duplicates(candidates):
@@ -115,9 +117,7 @@ def flag(frame, stats, validation: bool):
     holdout = test.astype("int8")
     if validation:
         holdout[(key == per_row[SECOND].values) & (count >= 3)] = VALIDATION
-    frame = frame.copy()
-    frame[HOLDOUT] = holdout
-    return frame
+    return type(frame)({**{c: frame[c].values for c in frame.columns}, HOLDOUT: holdout})
 
 
 def flag_all(rows, stats, validation: bool):
@@ -130,3 +130,12 @@ def flag_all(rows, stats, validation: bool):
 def held_out(frame, which: int):
     """Rows of one list, once encoded: the out-of-vocabulary pseudo-user keeps all in train."""
     return (frame[HOLDOUT] == which) & (frame[USER] >= FIRST_INDEX)
+
+
+def list_rows(frame, which: int):
+    """The (user, item) rows of one list of an encoded, flagged partition: TEST, VALIDATION, or
+    TRAIN (every row not held out). One pass over plain arrays: pandas would gather twice."""
+    holdout, users = frame[HOLDOUT].values, frame[USER].values
+    real = users >= FIRST_INDEX
+    rows = (holdout == TRAIN) | ~real if which == TRAIN else (holdout == which) & real
+    return type(frame)({c: frame[c].values[rows] for c in PAIR})

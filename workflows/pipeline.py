@@ -123,10 +123,12 @@ def execute(opts: EtlOptions, source: Path, dataset_name: str, backend: Backend,
         if loo_split:
             positives = {name: work / f"{name}_positives" for name in held_out}
             remaining = work / "rest"
-            lists = {positives[name]: encoded[loo.held_out(encoded, which)][graph.PAIR]
-                     for name, which in (("test", loo.TEST), ("validation", loo.VALIDATION)) if name in held_out}
-            train_rows = ~(loo.held_out(encoded, loo.TEST) | loo.held_out(encoded, loo.VALIDATION))
-            keys, = split.write_parquet({**lists, remaining: encoded[train_rows][graph.PAIR]},
+            which = {positives["test"]: loo.TEST, remaining: loo.TRAIN}
+            if opts.validation:
+                which[positives["validation"]] = loo.VALIDATION
+            meta = encoded._meta[graph.PAIR]
+            keys, = split.write_parquet({path: encoded.map_partitions(loo.list_rows, rows, meta=meta)
+                                         for path, rows in which.items()},
                                         _all_pair_keys(encoded, n_items, backend.xp))
         else:
             keys, = split.write_parquet({work / "encoded": encoded[graph.INTERACTION]},
@@ -151,7 +153,7 @@ def execute(opts: EtlOptions, source: Path, dataset_name: str, backend: Backend,
 
     with clock.phase("negatives") as notes:
         xp = backend.xp
-        keys = xp.unique(xp.asarray(keys.values if hasattr(keys, "values") else keys))
+        keys = negatives.unique_sorted_runs(xp.asarray(keys.values if hasattr(keys, "values") else keys), xp)
         rng = xp.random.default_rng(opts.seed)
         for name in held_out:
             candidates = _candidates(positives[name], keys, n_items, opts.negatives, rng, backend)
@@ -232,12 +234,13 @@ def _check_order_key_fits(first: int, last: int, n_rows: int) -> int:
 
 
 def _pair_keys(frame, n_items: int, xp):
-    return negatives.pair_keys(frame[USER].values, frame[ITEM].values, n_items, xp)
+    return xp.sort(negatives.pair_keys(frame[USER].values, frame[ITEM].values, n_items, xp))
 
 
 def _all_pair_keys(encoded, n_items: int, xp):
-    """The negatives' exclusion keys of every encoded row, lazily: computed in the pass that
-    writes the split, so the encoded log is not read a second time for them."""
+    """The negatives' exclusion keys of every encoded row, lazily, as sorted runs (one per
+    partition): computed in the pass that writes the split, so the encoded log is not read a
+    second time for them."""
     return encoded.map_partitions(_pair_keys, n_items, xp, meta=("key", "int64"))
 
 

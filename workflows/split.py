@@ -25,7 +25,9 @@ def to_dataset(ddf, backend: Backend):
 def write_parquet(ddfs: dict[Path, object], *also) -> tuple:
     """Write several Dask DataFrames in one pass, so they share their upstream work; `also`
     (other Dask collections over the same upstream) are computed in that pass and returned."""
-    writes = [ddf.to_parquet(str(path), write_index=False, compute=False) for path, ddf in ddfs.items()]
+    # Intermediates, read back once or twice: uncompressed, they write and read twice as fast.
+    writes = [ddf.to_parquet(str(path), write_index=False, compression=None, compute=False)
+              for path, ddf in ddfs.items()]
     return dask.compute(*writes, *also)[len(writes):]
 
 
@@ -70,8 +72,9 @@ def read_ordered(raw: Path, backend: Backend, columns: list[str], first_time: in
     def load(part):
         path, offset = part
         frame = backend.df.read_parquet(path, columns=list(dict.fromkeys(wanted + [TIME])))
-        frame[ORDER_KEY] = (frame[TIME] - first_time) * n_rows + xp.arange(offset, offset + len(frame), dtype="int64")
-        return frame[columns]
+        key = (frame[TIME].values - first_time) * n_rows + xp.arange(offset, offset + len(frame), dtype="int64")
+        # A new frame (one block): selecting columns beside an added one costs pandas a gather.
+        return backend.df.DataFrame({c: key if c == ORDER_KEY else frame[c].values for c in columns})
 
     return from_map(load, parts)
 
