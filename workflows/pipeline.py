@@ -21,13 +21,15 @@ quiet_merlin()
 import pandas as pd  # noqa: E402
 
 import dask  # noqa: E402
+from dask.utils import parse_bytes  # noqa: E402
 
 from merlin_ncf.workflows import graph, loo, negatives, split, time_split  # noqa: E402
 from merlin_ncf.errors import EtlError, one_line  # noqa: E402
 from merlin_ncf.feature_spec import FeatureSpec, LABEL_CHANNEL, ITEM_CHANNEL, USER_CHANNEL  # noqa: E402
 from merlin_ncf.workflows.options import EtlOptions  # noqa: E402
 from merlin_ncf.workflows.graph import ORDER_KEY  # noqa: E402
-from merlin_ncf.workflows.readers import ITEM, RATING, TIME, USER, read_item_table, read_log  # noqa: E402
+from merlin_ncf.workflows.readers import (ITEM, RATING, TIME, USER, has_header_csv, movielens_csv_to_parquet,  # noqa: E402
+                                          read_item_table, read_log)
 
 
 LABEL = "label"
@@ -73,8 +75,13 @@ def execute(opts: EtlOptions, source: Path, dataset_name: str, backend: Backend,
         log = None
         try:
             log = read_log(source, fmt, backend, opts.columns, opts.partition_size)
-            raw = log.interactions if opts.min_rating is not None else log.interactions.drop(columns=RATING, errors="ignore")
-            first_time, last_time = split.write_parquet({work / "raw": raw}, raw[TIME].min(), raw[TIME].max())
+            if has_header_csv(log) and not backend.gpu:
+                first_time, last_time = movielens_csv_to_parquet(log, work / "raw", parse_bytes(opts.partition_size),
+                                                                 rating=opts.min_rating is not None)
+            else:
+                raw = log.interactions if opts.min_rating is not None else log.interactions.drop(columns=RATING,
+                                                                                                 errors="ignore")
+                first_time, last_time = split.write_parquet({work / "raw": raw}, raw[TIME].min(), raw[TIME].max())
         except PARSE_ERRORS as exc:
             raise EtlError(f"cannot parse {log.ratings_path if log else source}: {one_line(exc)}") from None
         counts["raw_interactions"] = split.count_rows(work / "raw")
@@ -105,7 +112,7 @@ def execute(opts: EtlOptions, source: Path, dataset_name: str, backend: Backend,
             etl_workflow.fit(data)
             encoded = etl_workflow.transform(data).to_ddf()
         else:  # fitted on the ids alone (no flags computed), applied by a lookup (graph.encode)
-            data = split.to_dataset(rows[graph.PAIR], backend)
+            data = split.to_dataset(split.first_row_apart(rows[graph.PAIR]), backend)
             saved_workflow.fit(data)
             encoded = graph.encode_all(kept, graph.vocabularies(saved_workflow))
         saved_workflow.fit_schema(data.schema.select_by_name(graph.PAIR))

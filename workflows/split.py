@@ -22,6 +22,18 @@ def to_dataset(ddf, backend: Backend):
     return Dataset(ddf, cpu=not backend.gpu, schema=schema)
 
 
+def first_row_apart(ddf):
+    """The same rows, the first partition's first row as a partition of its own. For
+    Workflow.fit: after fitting, merlin transforms the first non-empty partition whole just to
+    learn the output dtypes (Categorify's pandas transform: a merge and a sort); one row is
+    enough. Categorify's fit does not depend on the partitioning (tests/test_etl_ties.py)."""
+    import dask.dataframe as dd
+
+    first = ddf.partitions[0]
+    parts = [first.map_partitions(lambda frame: frame.iloc[:1]), first.map_partitions(lambda frame: frame.iloc[1:])]
+    return dd.concat(parts + ([ddf.partitions[1:]] if ddf.npartitions > 1 else []))
+
+
 def write_parquet(ddfs: dict[Path, object], *also) -> tuple:
     """Write several Dask DataFrames in one pass, so they share their upstream work; `also`
     (other Dask collections over the same upstream) are computed in that pass and returned."""
