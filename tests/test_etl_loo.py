@@ -100,3 +100,15 @@ def test_list_rows_split_a_partition_into_test_validation_and_train():
     assert rows[loo.TEST]["item_id"].tolist() == [11] and rows[loo.VALIDATION]["item_id"].tolist() == [12]
     assert rows[loo.TRAIN]["item_id"].tolist() == [10, 13]  # the OOV pseudo-user's rows stay in train
     assert all(list(r.columns) == PAIR for r in rows.values())
+
+
+def test_integer_and_string_pairs_hash_equal_when_equal_and_apart_when_not():
+    import numpy as np
+
+    rng = np.random.default_rng(4)
+    log = frame(rng.integers(0, 300, 5000), rng.integers(0, 300, 5000), np.arange(5000))
+    for ids in (log, log.astype({"user_id": str, "item_id": str})):
+        hashes = loo.pair_hash(ids)
+        groups = pd.DataFrame({"pair": list(zip(ids["user_id"], ids["item_id"])), "hash": hashes.to_numpy()})
+        assert (groups.groupby("pair")["hash"].nunique() == 1).all()
+        assert groups["hash"].nunique() == groups["pair"].nunique()  # no collision among these pairs

@@ -31,7 +31,24 @@ def pair_hash(frame):
         return frame[PAIR].hash_values().astype("uint64")
     import pandas as pd
 
+    if all(pd.api.types.is_integer_dtype(frame[c].dtype) for c in PAIR):
+        return pd.Series(_mix(frame[PAIR[0]].to_numpy(), frame[PAIR[1]].to_numpy()), index=frame.index)
     return pd.util.hash_pandas_object(frame[PAIR], index=False)
+
+
+def _mix(users, items):
+    """Integer ids: one multiply-add, then splitmix64's bijective finaliser (a tenth of pandas'
+    object hash's time; a rare collision only costs an exact check)."""
+    import numpy as np
+
+    with np.errstate(over="ignore"):
+        x = users.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + items.astype(np.uint64)
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return x
 
 
 def sorted_pair_hash(frame):
