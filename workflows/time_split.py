@@ -65,7 +65,7 @@ def split_at(encoded: Path, work: Path, cutoff: Cutoff, first_time: int, n_rows:
               "after_cutoff_interactions": split.count_rows(after),
               "cold_start_users": int(len(np.setdiff1d(later, known)))}
     test = work / "test_positives"
-    first_rows = after_rows[after_rows[ORDER_KEY].isin(firsts.values)]
+    first_rows = after_rows[after_rows[ORDER_KEY].isin(_values(firsts, backend))]
     eligible = first_rows[USER].isin(known) & (first_rows[USER] >= FIRST_INDEX)
     split.write_parquet({test: first_rows[eligible][PAIR]})
     positives, train = {"test": test}, before
