@@ -5,6 +5,8 @@ rule: read the ratings CSV, drop users with fewer than --min-user-interactions, 
 users and items, sort by (user, time) stably, hold out each user's last interaction (and with
 --validation the second-last, for users with three or more, as our ETL does by default), draw
 --negatives distinct negatives per held-out user outside the user's items, and write parquet.
+Written as a competent pandas user would: pyarrow's CSV parser, one stable lexsort, the
+held-out masks computed once from the sorted columns, and vectorised rejection sampling.
 Phase times and peak memory are printed as one JSON line (benchmarks/etl.py reads it).
 
     python benchmarks/etl_pandas_reference.py --input ratings.csv --output /tmp/ref
@@ -25,30 +27,33 @@ from merlin_ncf.errors import OneLineArgumentParser
 
 
 def sample_negatives(users: np.ndarray, seen: np.ndarray, n_items: int, negatives: int, rng) -> np.ndarray:
-    """Rejection sampling, vectorised: draw for every unfinished user, keep unseen distinct ones."""
-    sampled = np.empty((len(users), negatives), dtype=np.int64)
-    todo = np.arange(len(users))
-    filled = np.zeros(len(users), dtype=np.int64)
-    while len(todo):
-        draw = rng.integers(0, n_items, size=(len(todo), negatives * 2))
-        keys = users[todo, None] * n_items + draw
-        ok = ~np.isin(keys, seen)
-        for row, user_row in enumerate(todo):
-            fresh = pd.unique(draw[row][ok[row]])
-            fresh = fresh[~np.isin(fresh, sampled[user_row, :filled[user_row]])]
-            take = fresh[:negatives - filled[user_row]]
-            sampled[user_row, filled[user_row]:filled[user_row] + len(take)] = take
-            filled[user_row] += len(take)
-        todo = todo[filled[todo] < negatives]
+    """Rejection sampling, vectorised: redraw, for every row at once, the draws that are one of
+    the user's items (`seen`: sorted user * n_items + item keys) or repeat an earlier draw."""
+    sampled = rng.integers(0, n_items, size=(len(users), negatives))
+    rows = np.arange(len(users))  # rows that may still hold a bad draw
+    while len(rows):
+        block = sampled[rows]
+        keys = users[rows, None] * n_items + block
+        found = np.searchsorted(seen, keys)
+        bad = seen[np.minimum(found, len(seen) - 1)] == keys
+        order = np.argsort(block, axis=1, kind="stable")  # a repeat is bad, its first draw is not
+        ranked = np.take_along_axis(block, order, axis=1)
+        repeat = np.zeros_like(bad)
+        np.put_along_axis(repeat, order[:, 1:], ranked[:, 1:] == ranked[:, :-1], axis=1)
+        bad |= repeat
+        keep = bad.any(axis=1)
+        rows, block, bad = rows[keep], block[keep], bad[keep]
+        block[bad] = rng.integers(0, n_items, size=int(bad.sum()))
+        sampled[rows] = block
     return sampled
 
 
-def candidates(held: pd.DataFrame, sampled: np.ndarray) -> pd.DataFrame:
+def candidates(users: np.ndarray, items: np.ndarray, sampled: np.ndarray) -> pd.DataFrame:
     """Per user: the held-out positive (label 1), then its negatives (label 0)."""
     negatives = sampled.shape[1]
-    items = np.concatenate([held["item"].to_numpy()[:, None], sampled], axis=1)
-    return pd.DataFrame({"user": np.repeat(held["user"].to_numpy(), negatives + 1), "item": items.reshape(-1),
-                         "label": np.tile(np.r_[1.0, np.zeros(negatives)], len(held)).astype(np.float32)})
+    return pd.DataFrame({"user": np.repeat(users, negatives + 1),
+                         "item": np.concatenate([items[:, None], sampled], axis=1).reshape(-1),
+                         "label": np.tile(np.r_[1.0, np.zeros(negatives)], len(users)).astype(np.float32)})
 
 
 def run(ratings: Path, output: Path, min_user_interactions: int, negatives: int, seed: int,
@@ -62,37 +67,38 @@ def run(ratings: Path, output: Path, min_user_interactions: int, negatives: int,
         seconds[name] = round(now - clock, 3)
         clock = now
 
-    log = pd.read_csv(ratings, usecols=[0, 1, 3], header=0, names=["user", "item", "time"],
-                      dtype={"user": np.int64, "item": np.int64, "time": np.int64})
+    log = pd.read_csv(ratings, engine="pyarrow")  # pyarrow's multithreaded parser
+    log = log.iloc[:, [0, 1, 3]].set_axis(["user", "item", "time"], axis=1).astype(np.int64)
     lap("read")
-    counts = log["user"].map(log["user"].value_counts())
-    log = log[counts.to_numpy() >= min_user_interactions]
+    if min_user_interactions > 1:
+        sizes = log.groupby("user", sort=False)["user"].transform("size").to_numpy()
+        log = log[sizes >= min_user_interactions]
     lap("filter")
-    log["user"] = pd.factorize(log["user"])[0]
-    log["item"], items = pd.factorize(log["item"])
+    user, _ = pd.factorize(log["user"])
+    item, items = pd.factorize(log["item"])
     lap("encode")
-    log = log.sort_values(["user", "time"], kind="stable")  # ties keep input order
-    count = log["user"].map(log["user"].value_counts()).to_numpy()
-    last = ~log["user"].duplicated(keep="last").to_numpy()
-    held = {"test": log[last & (count >= 2)]}
-    train = log[~(last & (count >= 2))]
+    order = np.lexsort((log["time"].to_numpy(), user))  # stable: ties keep input order
+    user, item = user[order], item[order]
+    count = np.bincount(user)[user]
+    last = np.append(user[1:] != user[:-1], True)  # each user's latest row
+    lists = {"test": last & (count >= 2)}
     if validation:  # the second-last of users with three or more: one row stays in train
-        second = ~train["user"].duplicated(keep="last").to_numpy() & (count[~(last & (count >= 2))] >= 3)
-        held["validation"], train = train[second], train[~second]
+        lists["validation"] = np.append(last[1:], False) & (count >= 3)
+    train = ~np.logical_or.reduce(list(lists.values()))
     lap("split")
     n_items = len(items)
-    seen = np.unique(log["user"].to_numpy() * n_items + log["item"].to_numpy())
+    seen = np.unique(user.astype(np.int64) * n_items + item)
     rng = np.random.default_rng(seed)
-    sampled = {name: sample_negatives(rows["user"].to_numpy(), seen, n_items, negatives, rng)
-               for name, rows in held.items()}
+    sampled = {name: sample_negatives(user[rows].astype(np.int64), seen, n_items, negatives, rng)
+               for name, rows in lists.items()}
     lap("negatives")
     output.mkdir(parents=True, exist_ok=True)
-    train[["user", "item"]].to_parquet(output / "train.parquet", index=False)
-    for name, rows in held.items():
-        candidates(rows, sampled[name]).to_parquet(output / f"{name}.parquet", index=False)
+    pd.DataFrame({"user": user[train], "item": item[train]}).to_parquet(output / "train.parquet", index=False)
+    for name, rows in lists.items():
+        candidates(user[rows], item[rows], sampled[name]).to_parquet(output / f"{name}.parquet", index=False)
     lap("write")
-    return {"seconds": dict(seconds, total=round(sum(seconds.values()), 3)), "rows": int(len(log)),
-            "test_users": int(len(held["test"])), "lists": list(held),
+    return {"seconds": dict(seconds, total=round(sum(seconds.values()), 3)), "rows": int(len(user)),
+            "test_users": int(lists["test"].sum()), "lists": list(lists),
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 

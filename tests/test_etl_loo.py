@@ -68,3 +68,47 @@ def test_user_stats_match_pandas_through_a_multi_level_tree():
     assert stats[loo.COUNT].tolist() == ranked.size().tolist()
     assert stats[loo.LATEST].tolist() == ranked.nth(0).sort_index().tolist()
     assert stats[loo.SECOND].tolist() == ranked.nth(1).reindex(stats.index, fill_value=loo.NONE).tolist()
+
+
+def test_repeated_hashes_are_the_hashes_seen_twice_in_any_partitions():
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    log = frame(rng.integers(0, 20, 300), rng.integers(0, 20, 300), np.arange(300))
+    runs = dd.from_pandas(log, npartitions=7, sort=False).map_partitions(loo.sorted_pair_hash).compute()
+    hashes = loo.pair_hash(log)
+    expected = np.sort(hashes[hashes.duplicated(keep=False)].unique())
+    assert len(expected) and loo.repeated_hashes(runs.to_numpy(), np).tolist() == expected.tolist()
+
+
+def test_statistics_of_two_disjoint_row_sets_combine_to_those_of_all():
+    import numpy as np
+
+    rng = np.random.default_rng(2)
+    log = frame(rng.integers(0, 15, 200), rng.integers(0, 50, 200), rng.permutation(200))
+    part = rng.random(200) < 0.1  # some users only in one set
+    whole = loo.user_stats(dd.from_pandas(log, npartitions=3, sort=False)).compute().sort_index()
+    others = loo.user_stats(dd.from_pandas(log[~part], npartitions=3, sort=False)).compute()
+    pd.testing.assert_frame_equal(loo.combine_stats(others, log[part]).sort_index(), whole, check_names=False)
+
+
+def test_list_rows_split_a_partition_into_test_validation_and_train():
+    encoded = pd.DataFrame({"user_id": [FIRST_INDEX - 1, FIRST_INDEX, FIRST_INDEX, FIRST_INDEX + 1],
+                            "item_id": [10, 11, 12, 13],
+                            loo.HOLDOUT: [loo.TEST, loo.TEST, loo.VALIDATION, loo.TRAIN]})
+    rows = {which: loo.list_rows(encoded, which) for which in (loo.TEST, loo.VALIDATION, loo.TRAIN)}
+    assert rows[loo.TEST]["item_id"].tolist() == [11] and rows[loo.VALIDATION]["item_id"].tolist() == [12]
+    assert rows[loo.TRAIN]["item_id"].tolist() == [10, 13]  # the OOV pseudo-user's rows stay in train
+    assert all(list(r.columns) == PAIR for r in rows.values())
+
+
+def test_integer_and_string_pairs_hash_equal_when_equal_and_apart_when_not():
+    import numpy as np
+
+    rng = np.random.default_rng(4)
+    log = frame(rng.integers(0, 300, 5000), rng.integers(0, 300, 5000), np.arange(5000))
+    for ids in (log, log.astype({"user_id": str, "item_id": str})):
+        hashes = loo.pair_hash(ids)
+        groups = pd.DataFrame({"pair": list(zip(ids["user_id"], ids["item_id"])), "hash": hashes.to_numpy()})
+        assert (groups.groupby("pair")["hash"].nunique() == 1).all()
+        assert groups["hash"].nunique() == groups["pair"].nunique()  # no collision among these pairs

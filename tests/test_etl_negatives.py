@@ -37,3 +37,11 @@ def test_sampled_negatives_are_distinct_and_unseen():
     for user, row in enumerate(sampled):
         assert len(set(row.tolist())) == k and row.min() >= 3
         assert not np.isin(user * n_items + row, keys).any()
+
+
+def test_unique_sorted_runs_is_np_unique_of_the_concatenated_runs():
+    rng = np.random.default_rng(3)
+    runs = [np.sort(rng.integers(0, 50, size)) for size in (0, 30, 1, 45)]
+    merged = np.concatenate(runs)
+    assert negatives.unique_sorted_runs(merged).tolist() == np.unique(merged).tolist()
+    assert negatives.unique_sorted_runs(merged[:0]).tolist() == []

@@ -123,3 +123,24 @@ def test_partition_size_does_not_change_a_movielens_output(raw_dir, etl_dir, tmp
     assert len(parts) >= 6 and parts == sorted(p.relative_to(out) for p in out.rglob("*.parquet"))
     for relative in parts:
         assert (out / relative).read_bytes() == (etl_dir / relative).read_bytes(), relative
+
+
+def test_a_movielens_csv_gives_the_bytes_of_the_same_log_as_a_generic_csv_at_any_block_size(tmp_path):
+    """ratings.csv is read by pyarrow's streaming reader (readers.movielens_csv_to_parquet), a
+    generic CSV by Dask: ties, repeats and small blocks change nothing."""
+    log = tied_log(users=60, seed=5)
+    log = pd.concat([log, log.sample(40, random_state=1).assign(timestamp=1_001)], ignore_index=True)
+    log.insert(2, "rating", 4.5)
+    (tmp_path / "ml").mkdir()
+    log.set_axis(["userId", "movieId", "rating", "timestamp"], axis=1).to_csv(tmp_path / "ml" / "ratings.csv",
+                                                                           index=False)
+    log.to_csv(tmp_path / "log.csv", index=False)
+    generic = etl(tmp_path / "log.csv", tmp_path / "generic")
+    movielens = etl(tmp_path / "ml", tmp_path / "ml-blocks", "--partition-size", "2KB", "--min-rating", "4")
+    parts = sorted(p.relative_to(generic) for p in (generic / "train").glob("*.parquet"))
+    parts += [Path(name) / "part_0.parquet" for name in ("test", "validation")]
+    for relative in parts:
+        assert (movielens / relative).read_bytes() == (generic / relative).read_bytes(), relative
+    stats = json.loads((movielens / "stats.json").read_text())
+    assert stats["format"] == "ml-20m" and stats["duplicates_dropped"] == 40
+    pd.testing.assert_series_equal(raw_positives(movielens, "test"), reference(log, 0), check_names=False)

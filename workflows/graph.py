@@ -1,13 +1,12 @@
-"""The NVTabular workflows of the ETL: the encoding (the product, saved for serving) and the
-time split's first-interaction filter. The other filters and the leave-one-out split are Dask
-reductions (workflows/loo.py): as workflows each cost several passes over the log.
+"""The NVTabular workflow of the ETL: the encoding (the product, saved for serving), and its
+vocabularies applied to partitions. The filters and both splits are Dask reductions and
+row-wise maps (workflows/loo.py, workflows/time_split.py): as NVTabular workflows
+(JoinGroupby + Filter) each cost a fit pass, a join pass, a written intermediate and a dtype
+sample.
 
-Each step is its own Workflow over the previous step's output: Filter before a statistic
-inside one graph misaligns rows when its branches are joined, so steps are chained instead.
-A Filter is always a workflow's last node, and callers drop helper columns from its output
-afterwards: merlin's executor skips empty upstream outputs and re-reads the columns from the
-unfiltered input, so any node after a Filter (even a column selection) resurrects every row
-of a partition that the Filter emptied.
+Note for any Filter added here: merlin's executor skips empty upstream outputs and re-reads the
+columns from the unfiltered input, so any node after a Filter (even a column selection)
+resurrects every row of a partition that the Filter emptied; keep a Filter a workflow's last node.
 """
 
 from __future__ import annotations
@@ -23,15 +22,8 @@ from merlin_ncf.workflows.readers import ITEM, USER
 ORDER_KEY = "order_key"
 INTERACTION = [USER, ITEM, ORDER_KEY]
 PAIR = [USER, ITEM]
-USER_FIRST = f"{USER}_{ORDER_KEY}_min"
 # Categorify's reserved indices: 0 padding, 1 null, 2 out-of-vocabulary; real ids from 3.
-FIRST_INDEX = 3
-
-
-def first_of_user(work_dir: Path) -> nvt.Workflow:
-    """Keep each user's first interaction in (timestamp, position) order (order keys are unique)."""
-    first = [USER] >> ops.JoinGroupby(cont_cols=[ORDER_KEY], stats=["count", "min"], out_path=str(work_dir))
-    return nvt.Workflow((INTERACTION + first) >> ops.Filter(lambda df: df[ORDER_KEY] == df[USER_FIRST]))
+NULL_INDEX, OOV_INDEX, FIRST_INDEX = 1, 2, 3
 
 
 def encoding(freq_threshold: int, work_dir: Path, passthrough: list[str] = (ORDER_KEY,)
@@ -47,3 +39,47 @@ def encoding(freq_threshold: int, work_dir: Path, passthrough: list[str] = (ORDE
     users = [USER] >> categorify() >> ops.TagAsUserID()
     items = [ITEM] >> categorify() >> ops.TagAsItemID()
     return nvt.Workflow(users + items + list(passthrough)), nvt.Workflow(users + items)
+
+
+def categories_file(workflow: nvt.Workflow, column: str) -> str:
+    """The fitted Categorify's vocabulary file of `column`: raw ids, indexed by their encoded id."""
+    from merlin.dag import Graph
+
+    return next(node.op.categories[column] for node in Graph.get_nodes_by_op_type([workflow.output_node], ops.Categorify)
+                if column in node.op.categories)
+
+
+def vocabularies(workflow: nvt.Workflow) -> dict:
+    """Per id column, the fitted vocabulary as (raw ids as an index, their encoded ids)."""
+    import pandas as pd
+
+    tables = {}
+    for column in PAIR:
+        table = pd.read_parquet(categories_file(workflow, column), columns=[column])
+        tables[column] = (pd.Index(table[column]), table.index.to_numpy(dtype="int64"))
+    return tables
+
+
+def encode(frame, tables: dict):
+    """A pandas partition with its raw ids replaced by the encoded ones, as the fitted Categorify
+    maps them (unseen or rare: OOV_INDEX, null: NULL_INDEX). Hand-written: Categorify's pandas
+    transform merges each column with its vocabulary and sorts the result back into row order,
+    the ETL's largest single cost; a hash lookup gives the same ids (tests/test_etl_workflow.py)."""
+    import numpy as np
+
+    columns = {c: frame[c].values for c in frame.columns}
+    for column, (index, codes) in tables.items():
+        values = frame[column]
+        found = index.get_indexer(values)
+        encoded = np.where(found >= 0, codes[found], OOV_INDEX)
+        if values.hasnans:
+            encoded[values.isna().to_numpy()] = NULL_INDEX
+        columns[column] = encoded
+    return type(frame)(columns)
+
+
+def encode_all(ddf, tables: dict):
+    """`encode` over every partition of a Dask frame, with the vocabularies sent once."""
+    import dask
+
+    return ddf.map_partitions(encode, dask.delayed(tables), meta=encode(ddf._meta, tables))

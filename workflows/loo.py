@@ -4,7 +4,8 @@ Hand-written because NVTabular's JoinGroupby + Filter costs a fit pass, a join p
 intermediate and a dtype sample per step (most of the ETL's time); here the ETL reads its log
 once per statistic and joins nothing row-sized:
 
-- repeated (user, item) pairs: one 8-byte hash per row finds the candidates, checked exactly;
+- repeated (user, item) pairs: one 8-byte hash per row finds the candidates, checked exactly
+  (the statistics of the other rows come from that same pass);
 - per user: interaction count, latest and second-latest order key (one tree reduction whose
   partials hold one row per user), from which the activity filter and the held-out rows follow.
 
@@ -30,7 +31,44 @@ def pair_hash(frame):
         return frame[PAIR].hash_values().astype("uint64")
     import pandas as pd
 
+    if all(pd.api.types.is_integer_dtype(frame[c].dtype) for c in PAIR):
+        return pd.Series(_mix(frame[PAIR[0]].to_numpy(), frame[PAIR[1]].to_numpy()), index=frame.index)
     return pd.util.hash_pandas_object(frame[PAIR], index=False)
+
+
+def _mix(users, items):
+    """Integer ids: one multiply-add, then splitmix64's bijective finaliser (a tenth of pandas'
+    object hash's time; a rare collision only costs an exact check)."""
+    import numpy as np
+
+    with np.errstate(over="ignore"):
+        x = users.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + items.astype(np.uint64)
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return x
+
+
+def sorted_pair_hash(frame):
+    """A partition's pair hashes, sorted: sorted here, in parallel, the whole log's hashes are
+    sorted runs that one merge (`repeated_hashes`) orders."""
+    hashes = pair_hash(frame)
+    if hasattr(hashes, "to_cupy"):  # cuDF
+        return hashes.sort_values(ignore_index=True)
+    import numpy as np
+    import pandas as pd
+
+    return pd.Series(np.sort(hashes.to_numpy()))
+
+
+def repeated_hashes(sorted_runs, xp):
+    """The hashes occurring more than once among the concatenated sorted runs (an array)."""
+    from merlin_ncf.workflows.negatives import merge_sorted_runs, unique_sorted_runs
+
+    merged = merge_sorted_runs(sorted_runs, xp)
+    return unique_sorted_runs(merged[1:][merged[1:] == merged[:-1]], xp)
 
 
 def later_duplicates(candidates):
@@ -79,6 +117,13 @@ def user_stats(ddf):
                          token="user-stats")
 
 
+def combine_stats(stats, rows):
+    """Per-user statistics of two disjoint sets of rows: `stats` of one (computed) and the
+    other, `rows` (a computed frame)."""
+    module = _frame_module(stats)
+    return _combine(module.concat([stats, _chunk(rows)]))
+
+
 def flag(frame, stats, validation: bool):
     """Add HOLDOUT to a partition: TEST for a user's latest row when the user has two or more,
     VALIDATION for the second latest when three or more (one row stays in train), else TRAIN.
@@ -89,9 +134,7 @@ def flag(frame, stats, validation: bool):
     holdout = test.astype("int8")
     if validation:
         holdout[(key == per_row[SECOND].values) & (count >= 3)] = VALIDATION
-    frame = frame.copy()
-    frame[HOLDOUT] = holdout
-    return frame
+    return type(frame)({**{c: frame[c].values for c in frame.columns}, HOLDOUT: holdout})
 
 
 def flag_all(rows, stats, validation: bool):
@@ -104,3 +147,12 @@ def flag_all(rows, stats, validation: bool):
 def held_out(frame, which: int):
     """Rows of one list, once encoded: the out-of-vocabulary pseudo-user keeps all in train."""
     return (frame[HOLDOUT] == which) & (frame[USER] >= FIRST_INDEX)
+
+
+def list_rows(frame, which: int):
+    """The (user, item) rows of one list of an encoded, flagged partition: TEST, VALIDATION, or
+    TRAIN (every row not held out). One pass over plain arrays: pandas would gather twice."""
+    holdout, users = frame[HOLDOUT].values, frame[USER].values
+    real = users >= FIRST_INDEX
+    rows = (holdout == TRAIN) | ~real if which == TRAIN else (holdout == which) & real
+    return type(frame)({c: frame[c].values[rows] for c in PAIR})

@@ -19,6 +19,18 @@ def pair_keys(users, items, n_items: int, xp: ModuleType = np):
     return users.astype(xp.int64) * n_items + items.astype(xp.int64)
 
 
+def merge_sorted_runs(runs, xp: ModuleType = np):
+    """Concatenated sorted runs (e.g. one per partition, sorted where they were made, in
+    parallel) in order: a stable sort merges the runs it finds (timsort), faster than sorting."""
+    return xp.sort(runs, kind="stable")
+
+
+def unique_sorted_runs(runs, xp: ModuleType = np):
+    """The distinct values of concatenated sorted runs, in order (np.unique sorts from scratch)."""
+    merged = merge_sorted_runs(runs, xp)
+    return merged[xp.concatenate([xp.ones(min(1, merged.size), dtype=bool), merged[1:] != merged[:-1]])]
+
+
 
 # Bytes of the per-chunk "seen" map in _bad_draws: rows * n_items bytes at a time.
 SEEN_MAP_BYTES = 2**25

@@ -21,13 +21,15 @@ quiet_merlin()
 import pandas as pd  # noqa: E402
 
 import dask  # noqa: E402
+from dask.utils import parse_bytes  # noqa: E402
 
 from merlin_ncf.workflows import graph, loo, negatives, split, time_split  # noqa: E402
 from merlin_ncf.errors import EtlError, one_line  # noqa: E402
 from merlin_ncf.feature_spec import FeatureSpec, LABEL_CHANNEL, ITEM_CHANNEL, USER_CHANNEL  # noqa: E402
 from merlin_ncf.workflows.options import EtlOptions  # noqa: E402
 from merlin_ncf.workflows.graph import ORDER_KEY  # noqa: E402
-from merlin_ncf.workflows.readers import ITEM, RATING, TIME, USER, read_item_table, read_log  # noqa: E402
+from merlin_ncf.workflows.readers import (ITEM, RATING, TIME, USER, has_header_csv, movielens_csv_to_parquet,  # noqa: E402
+                                          read_item_table, read_log)
 
 
 LABEL = "label"
@@ -73,8 +75,13 @@ def execute(opts: EtlOptions, source: Path, dataset_name: str, backend: Backend,
         log = None
         try:
             log = read_log(source, fmt, backend, opts.columns, opts.partition_size)
-            raw = log.interactions if opts.min_rating is not None else log.interactions.drop(columns=RATING, errors="ignore")
-            first_time, last_time = split.write_parquet({work / "raw": raw}, raw[TIME].min(), raw[TIME].max())
+            if has_header_csv(log) and not backend.gpu:
+                first_time, last_time = movielens_csv_to_parquet(log, work / "raw", parse_bytes(opts.partition_size),
+                                                                 rating=opts.min_rating is not None)
+            else:
+                raw = log.interactions if opts.min_rating is not None else log.interactions.drop(columns=RATING,
+                                                                                                 errors="ignore")
+                first_time, last_time = split.write_parquet({work / "raw": raw}, raw[TIME].min(), raw[TIME].max())
         except PARSE_ERRORS as exc:
             raise EtlError(f"cannot parse {log.ratings_path if log else source}: {one_line(exc)}") from None
         counts["raw_interactions"] = split.count_rows(work / "raw")
@@ -95,13 +102,19 @@ def execute(opts: EtlOptions, source: Path, dataset_name: str, backend: Backend,
 
     with clock.phase("encode") as notes:
         loo_split = opts.split != "time"
-        if loo_split:  # flagged before encoding, so that the encoded rows go straight to their lists
-            kept = loo.flag_all(kept, users, opts.validation)
         passthrough = [ORDER_KEY, loo.HOLDOUT] if loo_split else [ORDER_KEY]
         etl_workflow, saved_workflow = graph.encoding(opts.freq_threshold, work / "categories", passthrough)
-        data = split.to_dataset(kept, backend)
-        etl_workflow.fit(data)
-        encoded = etl_workflow.transform(data).to_ddf()
+        rows = kept
+        if loo_split:  # flagged before encoding, so that the encoded rows go straight to their lists
+            kept = loo.flag_all(kept, users, opts.validation)
+        if backend.gpu:  # cuDF merges fast: Categorify's own transform
+            data = split.to_dataset(kept, backend)
+            etl_workflow.fit(data)
+            encoded = etl_workflow.transform(data).to_ddf()
+        else:  # fitted on the ids alone (no flags computed), applied by a lookup (graph.encode)
+            data = split.to_dataset(split.first_row_apart(rows[graph.PAIR]), backend)
+            saved_workflow.fit(data)
+            encoded = graph.encode_all(kept, graph.vocabularies(saved_workflow))
         saved_workflow.fit_schema(data.schema.select_by_name(graph.PAIR))
         saved_workflow.save(out / "workflow")
         schema = _id_schema(saved_workflow)
@@ -117,15 +130,16 @@ def execute(opts: EtlOptions, source: Path, dataset_name: str, backend: Backend,
         if loo_split:
             positives = {name: work / f"{name}_positives" for name in held_out}
             remaining = work / "rest"
-            lists = {positives[name]: encoded[loo.held_out(encoded, which)][graph.PAIR]
-                     for name, which in (("test", loo.TEST), ("validation", loo.VALIDATION)) if name in held_out}
-            train_rows = ~(loo.held_out(encoded, loo.TEST) | loo.held_out(encoded, loo.VALIDATION))
-            # The negatives' exclusion keys come from the same pass: no second read of the encoded log.
-            keys = encoded.map_partitions(_pair_keys, n_items, backend.xp, meta=("key", "int64"))
-            keys, = split.write_parquet({**lists, remaining: encoded[train_rows][graph.PAIR]}, keys)
+            which = {positives["test"]: loo.TEST, remaining: loo.TRAIN}
+            if opts.validation:
+                which[positives["validation"]] = loo.VALIDATION
+            meta = encoded._meta[graph.PAIR]
+            keys, = split.write_parquet({path: encoded.map_partitions(loo.list_rows, rows, meta=meta)
+                                         for path, rows in which.items()},
+                                        _all_pair_keys(encoded, n_items, backend.xp))
         else:
-            split.write_parquet({work / "encoded": encoded[graph.INTERACTION]})
-            keys = None
+            keys, = split.write_parquet({work / "encoded": encoded[graph.INTERACTION]},
+                                        _all_pair_keys(encoded, n_items, backend.xp))
             cutoff = time_split.resolve(opts.cutoff, opts.cutoff_quantile, work / "encoded", backend, first_time,
                                         counts["raw_interactions"])
             positives, remaining, split_counts = time_split.split_at(
@@ -146,11 +160,7 @@ def execute(opts: EtlOptions, source: Path, dataset_name: str, backend: Backend,
 
     with clock.phase("negatives") as notes:
         xp = backend.xp
-        if keys is None:
-            pairs = split.read_parquet(work / "encoded", backend, graph.PAIR).compute()
-            keys = negatives.pair_keys(pairs[USER].values, pairs[ITEM].values, n_items, xp)
-            del pairs
-        keys = xp.unique(xp.asarray(keys.values if hasattr(keys, "values") else keys))
+        keys = negatives.unique_sorted_runs(xp.asarray(keys.values if hasattr(keys, "values") else keys), xp)
         rng = xp.random.default_rng(opts.seed)
         for name in held_out:
             candidates = _candidates(positives[name], keys, n_items, opts.negatives, rng, backend)
@@ -187,17 +197,19 @@ def _filter(opts: EtlOptions, work: Path, has_rating: bool, backend: Backend, fi
     rows = split.read_ordered(work / "raw", backend, columns, first_time, n_rows)
     if opts.min_rating is not None:
         rows = rows[rows[RATING] >= opts.min_rating][graph.INTERACTION]
-    hashes = rows.map_partitions(loo.pair_hash, meta=(None, "uint64"))
+    hashes = rows.map_partitions(loo.sorted_pair_hash, meta=(None, "uint64"))
     hashes, users = dask.compute(hashes, loo.user_stats(rows))
-    repeated = hashes[hashes.duplicated(keep=False)].unique()
+    repeated = loo.repeated_hashes(hashes.values, backend.xp)
     del hashes
     rated = int(users[loo.COUNT].sum())
     if len(repeated):  # only rows whose pair hash repeats can repeat a pair: checked exactly
-        candidates = rows[rows.map_partitions(loo.pair_hash, meta=(None, "uint64")).isin(repeated)]
-        later = loo.later_duplicates(candidates.compute())
+        candidate = rows.map_partitions(loo.pair_hash, meta=(None, "uint64")).isin(repeated)
+        # One more pass: the candidates, and the statistics of every other row to combine with theirs.
+        candidates, others = dask.compute(rows[candidate], loo.user_stats(rows[~candidate]))
+        later = loo.later_duplicates(candidates)
         if len(later):
             rows = rows[~rows[ORDER_KEY].isin(later)]
-            users = loo.user_stats(rows).compute()
+            users = loo.combine_stats(others, candidates[~candidates[ORDER_KEY].isin(later)])
     duplicates = rated - int(users[loo.COUNT].sum())
     if opts.min_user_interactions > 1:
         users = users[users[loo.COUNT] >= opts.min_user_interactions]
@@ -229,7 +241,14 @@ def _check_order_key_fits(first: int, last: int, n_rows: int) -> int:
 
 
 def _pair_keys(frame, n_items: int, xp):
-    return negatives.pair_keys(frame[USER].values, frame[ITEM].values, n_items, xp)
+    return xp.sort(negatives.pair_keys(frame[USER].values, frame[ITEM].values, n_items, xp))
+
+
+def _all_pair_keys(encoded, n_items: int, xp):
+    """The negatives' exclusion keys of every encoded row, lazily, as sorted runs (one per
+    partition): computed in the pass that writes the split, so the encoded log is not read a
+    second time for them."""
+    return encoded.map_partitions(_pair_keys, n_items, xp, meta=("key", "int64"))
 
 
 def _candidates(positives_path: Path, keys, n_items: int, k: int, rng, backend: Backend):
@@ -258,12 +277,7 @@ def _write_merlin(frame, directory: Path, schema, n_files: int, backend: Backend
 
 def _item_table(workflow, titles: pd.DataFrame | None) -> pd.DataFrame:
     """One row per encoded item: encoded id, raw id, and title/genres where known."""
-    from nvtabular.ops import Categorify
-    from merlin.dag import Graph
-
-    categorify = next(node.op for node in Graph.get_nodes_by_op_type([workflow.output_node], Categorify)
-                      if ITEM in node.op.categories)
-    uniques = pd.read_parquet(categorify.categories[ITEM])
+    uniques = pd.read_parquet(graph.categories_file(workflow, ITEM))
     items = pd.DataFrame({ITEM: uniques.index.astype("int64"), "raw_item_id": uniques[ITEM]})
     items = items[items[ITEM] >= graph.FIRST_INDEX].reset_index(drop=True)
     items["raw_item_id"] = items["raw_item_id"].astype(raw_id_dtype(items["raw_item_id"]))

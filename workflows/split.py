@@ -22,10 +22,24 @@ def to_dataset(ddf, backend: Backend):
     return Dataset(ddf, cpu=not backend.gpu, schema=schema)
 
 
+def first_row_apart(ddf):
+    """The same rows, the first partition's first row as a partition of its own. For
+    Workflow.fit: after fitting, merlin transforms the first non-empty partition whole just to
+    learn the output dtypes (Categorify's pandas transform: a merge and a sort); one row is
+    enough. Categorify's fit does not depend on the partitioning (tests/test_etl_ties.py)."""
+    import dask.dataframe as dd
+
+    first = ddf.partitions[0]
+    parts = [first.map_partitions(lambda frame: frame.iloc[:1]), first.map_partitions(lambda frame: frame.iloc[1:])]
+    return dd.concat(parts + ([ddf.partitions[1:]] if ddf.npartitions > 1 else []))
+
+
 def write_parquet(ddfs: dict[Path, object], *also) -> tuple:
     """Write several Dask DataFrames in one pass, so they share their upstream work; `also`
     (other Dask collections over the same upstream) are computed in that pass and returned."""
-    writes = [ddf.to_parquet(str(path), write_index=False, compute=False) for path, ddf in ddfs.items()]
+    # Intermediates, read back once or twice: uncompressed, they write and read twice as fast.
+    writes = [ddf.to_parquet(str(path), write_index=False, compression=None, compute=False)
+              for path, ddf in ddfs.items()]
     return dask.compute(*writes, *also)[len(writes):]
 
 
@@ -70,8 +84,9 @@ def read_ordered(raw: Path, backend: Backend, columns: list[str], first_time: in
     def load(part):
         path, offset = part
         frame = backend.df.read_parquet(path, columns=list(dict.fromkeys(wanted + [TIME])))
-        frame[ORDER_KEY] = (frame[TIME] - first_time) * n_rows + xp.arange(offset, offset + len(frame), dtype="int64")
-        return frame[columns]
+        key = (frame[TIME].values - first_time) * n_rows + xp.arange(offset, offset + len(frame), dtype="int64")
+        # A new frame (one block): selecting columns beside an added one costs pandas a gather.
+        return backend.df.DataFrame({c: key if c == ORDER_KEY else frame[c].values for c in columns})
 
     return from_map(load, parts)
 

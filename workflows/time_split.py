@@ -16,7 +16,7 @@ from merlin_ncf.errors import EtlError
 from merlin_ncf.workflows import split
 from merlin_ncf.workflows.cluster import Backend
 from merlin_ncf.workflows.options import parse_cutoff
-from merlin_ncf.workflows.graph import FIRST_INDEX, INTERACTION, ORDER_KEY, PAIR, first_of_user
+from merlin_ncf.workflows.graph import FIRST_INDEX, INTERACTION, ORDER_KEY, PAIR
 from merlin_ncf.workflows.readers import USER
 
 
@@ -55,16 +55,17 @@ def split_at(encoded: Path, work: Path, cutoff: Cutoff, first_time: int, n_rows:
     if split.count_rows(after) == 0:
         raise EtlError(f"--cutoff {cutoff.text} ({cutoff.timestamp}) leaves no interaction after it")
     known = _users(before, backend)
-    firsts = work / "after_first"
-    after_rows = split.to_dataset(split.read_parquet(after, backend, INTERACTION), backend)
-    split.write_parquet({firsts: first_of_user(work / "after_stats").fit_transform(after_rows).to_ddf()[INTERACTION]})
-    later = _users(after, backend)
+    after_rows = split.read_parquet(after, backend, INTERACTION)
+    # Each user's first row after the cutoff: a per-user minimum (one tree reduction, one row
+    # per user), then a row-wise match; order keys are unique, so one row per user.
+    firsts = after_rows.groupby(USER)[ORDER_KEY].min().compute()
+    later = np.sort(_values(firsts.index, backend))
     counts = {"split": "time", "cutoff": cutoff.timestamp, "cutoff_given": cutoff.text,
               "train_before_cutoff": split.count_rows(before),
               "after_cutoff_interactions": split.count_rows(after),
               "cold_start_users": int(len(np.setdiff1d(later, known)))}
     test = work / "test_positives"
-    first_rows = split.read_parquet(firsts, backend, INTERACTION)
+    first_rows = after_rows[after_rows[ORDER_KEY].isin(_values(firsts, backend))]
     eligible = first_rows[USER].isin(known) & (first_rows[USER] >= FIRST_INDEX)
     split.write_parquet({test: first_rows[eligible][PAIR]})
     positives, train = {"test": test}, before
@@ -77,11 +78,13 @@ def split_at(encoded: Path, work: Path, cutoff: Cutoff, first_time: int, n_rows:
         train = work / "train_rows"
         split.write_parquet({train: backend.dd.concat([split.read_parquet(d, backend, INTERACTION)
                                                         for d in (rest, others)])})
-    for done in (after, firsts):
-        shutil.rmtree(done)
+    shutil.rmtree(after)
     return positives, train, counts
 
 
 def _users(path: Path, backend: Backend) -> np.ndarray:
-    users = split.read_parquet(path, backend, [USER])[USER].unique().compute()
-    return np.sort(np.asarray(users.values.get() if backend.gpu else users.values))
+    return np.sort(_values(split.read_parquet(path, backend, [USER])[USER].unique().compute(), backend))
+
+
+def _values(ids, backend: Backend) -> np.ndarray:
+    return np.asarray(ids.values.get() if backend.gpu else ids.values)
