@@ -392,11 +392,12 @@ def test_metrics(trainer, data, test_lists, sampled: tuple[float, float] | None 
     """The final test metrics: sampled HR@K / NDCG@K on the test lists (`sampled` when the
     caller has them) and full-ranking Recall@K / NDCG@K over all items but the user's
     training items and the reserved ids (models/ranking.py)."""
-    from merlin_ncf.models.ranking import SeenItems, train_matrix
+    from merlin_ncf.models.data import train_matrix
+    from merlin_ncf.models.ranking import SeenItems
 
     k = trainer.options.topk
     hr, ndcg = sampled if sampled is not None else trainer.evaluate(test_lists)[:2]
-    recall, full_ndcg = trainer.evaluate_full(test_lists, SeenItems.from_csr(train_matrix(data.spec)))
+    recall, full_ndcg = trainer.evaluate_full(test_lists, SeenItems.from_csr(train_matrix(data)))
     return {f"hr@{k}": hr, f"ndcg@{k}": ndcg, f"full_recall@{k}": recall, f"full_ndcg@{k}": full_ndcg}
 
 

@@ -406,10 +406,8 @@ class Trainer:
             else:
                 state.stale_epochs += 1
             if self.run_dir is not None:
-                snapshot = self.checkpoint()
-                if improved:
-                    ckpt.save_atomic(snapshot, self.run_dir / "checkpoints" / "best.pt")
-                ckpt.save_atomic(snapshot, self.run_dir / "checkpoints" / "last.pt")
+                kept = ("best.pt", "last.pt") if improved else ("last.pt",)
+                ckpt.save_atomic(self.checkpoint(), *(self.run_dir / "checkpoints" / name for name in kept))
             if on_epoch is not None:
                 on_epoch(record)
             if hr >= options.threshold or (options.patience and state.stale_epochs >= options.patience):
