@@ -120,6 +120,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--eps", type=positive_float, default=1e-8, help="Adam epsilon")
     train.add_argument("--weight-decay", type=non_negative_float,
                        help=f"AdamW's decoupled weight decay, 0: plain Adam ({auto})")
+    train.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                       help="constant, or cosine: the learning rate decays to 0 over --epochs (by optimizer step)")
+    train.add_argument("--ema", type=unit_interval, default=0.0,
+                       help="decay per optimizer step of an exponential moving average of the weights, which "
+                            "is then what is evaluated, kept in best.pt and exported (0: none)")
     train.add_argument("--optimizer", choices=OPTIMIZERS,
                        help="adam: dense Adam on every parameter; sparse-adam: sparse embedding gradients, "
                             "their rows updated by a row-wise (lazy) Adam, dense Adam for the rest "
@@ -484,7 +489,7 @@ def train_in(args, data, device, context, resume, model, eval_lists, test_lists,
         raise TrainingError(f"no epoch reached a finite {eval_split} HR@{options.topk}: nothing to keep")
     context.barrier()  # best.pt is on disk
     best_path = args.output / "checkpoints" / "best.pt"
-    trainer.model.load_state_dict(model_from(ckpt.load(best_path), best_path).state_dict())
+    trainer.keep_only(model_from(ckpt.load(best_path), best_path).state_dict())
     sampled = None
     if eval_split == "test":
         best = state.history[state.best_epoch - 1]
