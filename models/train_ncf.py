@@ -234,10 +234,8 @@ def choose_defaults(args, data, world: int = 1, verbose: bool = False) -> None:
         if getattr(args, name, 0) is None:
             setattr(args, name, value)
             picked[name] = value
-    if getattr(args, "optimizer", 0) is None and not cls.sparse_embeddings:
-        args.optimizer = picked["optimizer"] = "adam"
     picked.update(resolve(args, data.train_rows, data.num_users, cls.input_type,
-                          table_rows=data.num_users + data.num_items))
+                          table_rows=data.num_users + data.num_items, sparse_embeddings=cls.sparse_embeddings))
     if args.eval_batch_size is None:
         args.eval_batch_size = 2**20
     if args.batch_size // (world * args.grad_accumulation * samples_per_row(cls.input_type, args.negatives)) < 1:

@@ -103,12 +103,16 @@ class State:
     """What survives a restart besides the model and optimizer."""
 
     epoch: int = 0  # epochs completed
-    best_hr: float = -1.0  # the validation HR@K at best_epoch
     best_score: float = -1.0  # the selection metric (TrainOptions.select) at best_epoch
     best_epoch: int = -1
     stale_epochs: int = 0
     steps: int = 0  # optimizer steps taken over all epochs (the loss's `step`)
     history: list = field(default_factory=list)
+
+    @property
+    def best_hr(self) -> float:
+        """The validation HR@K at best_epoch (from its history row)."""
+        return self.history[self.best_epoch - 1]["hr"] if self.best_epoch >= 1 else -1.0
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -216,7 +220,7 @@ class Trainer:
 
             self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(options.ema))
         self.state = State()
-        self.steps_taken = 0  # in this process (the kill aid counts these)
+        self.first_step = 0  # state.steps when this process started (resume_from moves it)
         self.kill_after = int(os.environ.get(KILL_AFTER_STEPS, "0") or 0)
 
     # --- checkpoints ------------------------------------------------------------
@@ -268,9 +272,18 @@ class Trainer:
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         progress = dict(state["state"])
-        progress.setdefault("best_score", progress.get("best_hr", -1.0))  # checkpoints from before --select
+        # Checkpoints from before --select kept only best_hr; later ones kept both (best_hr is
+        # now read from the history).
+        progress.setdefault("best_score", progress.get("best_hr", -1.0))
+        progress.pop("best_hr", None)
         self.state = State(**progress)
+        self.first_step = self.state.steps
         ckpt.restore_rng(state["rng"])
+
+    @property
+    def steps_taken(self) -> int:
+        """Optimizer steps taken in this process (the kill aid counts these)."""
+        return self.state.steps - self.first_step
 
     # --- evaluation -------------------------------------------------------------
 
@@ -404,7 +417,6 @@ class Trainer:
                         optimizer.zero_grad(set_to_none=True)
                     if self.ema is not None:
                         self.ema.update_parameters(self.model)
-                    self.steps_taken += 1
                     self.state.steps += 1
                     if self.kill_after and self.steps_taken >= self.kill_after:
                         os.kill(os.getpid(), signal.SIGKILL)  # simulates a crash, for resume tests
@@ -449,7 +461,7 @@ class Trainer:
             state.epoch = epoch + 1
             state.history.append(asdict(record))
             if improved:
-                state.best_hr, state.best_score, state.best_epoch, state.stale_epochs = hr, score, epoch + 1, 0
+                state.best_score, state.best_epoch, state.stale_epochs = score, epoch + 1, 0
             else:
                 state.stale_epochs += 1
             if self.run_dir is not None:

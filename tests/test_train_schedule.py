@@ -84,3 +84,33 @@ def test_an_improving_epochs_checkpoint_is_written_once_to_both_files(tmp_path):
     assert (tmp_path / "best.pt").read_bytes() == (tmp_path / "last.pt").read_bytes()
     assert torch.equal(ckpt.load(tmp_path / "best.pt")["weights"], torch.arange(5.0))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]  # no temporary left
+
+
+def test_checkpoints_that_stored_best_hr_still_resume(planted, tmp_path):
+    """State.best_hr is read from the history now; checkpoints written with it stored (and
+    those from before --select, which stored it alone) resume with the same best epoch."""
+    from merlin_ncf.models import checkpoint as ckpt
+    from merlin_ncf.models.data import load_candidates, open_etl
+    from merlin_ncf.models.neumf import NeuMF
+    from merlin_ncf.models.trainer import Trainer, TrainOptions
+
+    data = open_etl(planted)
+
+    def trainer(epochs):
+        torch.manual_seed(0)
+        model = NeuMF(data.num_users, data.num_items, mf_dim=8, mlp_layers=[16, 16, 8], dropout=0.0)
+        options = TrainOptions(epochs=epochs, batch_size=3000, max_steps=2, progress=False)
+        return Trainer(model, data, options, torch.device("cpu"), run_dir=tmp_path)
+
+    first = trainer(2)
+    state = first.fit(load_candidates(data, "test"), "test")
+    assert state.best_hr == state.history[state.best_epoch - 1]["hr"] > 0
+    saved = ckpt.load(tmp_path / "checkpoints" / "last.pt")
+    assert "best_hr" not in saved["state"]
+    for old in ({**saved["state"], "best_hr": state.best_hr},  # select-era checkpoints
+                {k: v for k, v in {**saved["state"], "best_hr": state.best_hr}.items() if k != "best_score"}):
+        again = trainer(3)
+        again.resume_from({**saved, "state": old})
+        assert (again.state.best_epoch, again.state.best_hr, again.state.best_score) == \
+            (state.best_epoch, state.best_hr, state.best_score)
+        assert again.steps_taken == 0 and again.state.steps == state.steps == 4
