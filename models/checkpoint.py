@@ -26,15 +26,19 @@ FORMAT = "merlin-ncf-checkpoint/1"  # the state inside the envelope
 ENVELOPE = "merlin-ncf-checkpoint-envelope/1"
 
 
-def save_atomic(obj, path: Path) -> None:
-    """Seal `obj` in a checksummed envelope, written beside `path` and renamed over it."""
+def save_atomic(obj, *paths: Path) -> None:
+    """Seal `obj` in a checksummed envelope, serialised once and, for each of `paths`,
+    written beside it and renamed over it (best.pt and last.pt of an improving epoch)."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     payload = buffer.getbuffer()
     envelope = {"format": ENVELOPE, "sha256": hashlib.sha256(payload).hexdigest(),
                 "payload": torch.frombuffer(payload, dtype=torch.uint8)}
-    with atomic_file(path) as tmp:
-        torch.save(envelope, tmp)
+    sealed = io.BytesIO()
+    torch.save(envelope, sealed)
+    for path in paths:
+        with atomic_file(path) as tmp:
+            tmp.write_bytes(sealed.getbuffer())
 
 
 def rng_state() -> dict:

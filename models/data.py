@@ -4,7 +4,7 @@ schema tags, positives streamed by merlin.dataloader, candidate lists for evalua
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +39,10 @@ class EtlData:
     train_files: list[Path]
     schema: object  # merlin.schema.Schema of the train parquet, restricted to user and item
     train_rows: int = 0  # positives in train/, from the parquet footers
+    # Read once per process (sampler, models that hold the pairs, the full ranking's mask),
+    # and one merlin Dataset per file order (the Loader's epochs), not one per epoch.
+    _pairs: tuple | None = field(default=None, init=False, repr=False, compare=False)
+    _datasets: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def num_users(self) -> int:
@@ -120,16 +124,24 @@ def count_rows(files: list[Path]) -> int:
 
 
 def train_pairs(data: EtlData) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every training (user, item) pair, for exclude-seen sampling. Read whole with pyarrow:
-    the Loader shuffles and shards, while this needs all pairs once, in any order."""
-    import pyarrow.parquet as pq
+    """Every training (user, item) pair, in file order, read once per process with pyarrow
+    (the Loader shuffles and shards; these callers need all pairs once, in any order). A
+    label column, where train/ has one, keeps label > 0 only, as models.ranking.train_matrix
+    does: the ETL and its transcoding write positives only, so nothing is dropped there."""
+    from merlin_ncf.models.ranking import read_pairs
 
-    users, items = [], []
-    for path in data.train_files:
-        table = pq.read_table(path, columns=[data.user_column, data.item_column])
-        users.append(torch.from_numpy(table.column(data.user_column).to_numpy().astype("int64")))
-        items.append(torch.from_numpy(table.column(data.item_column).to_numpy().astype("int64")))
-    return torch.cat(users), torch.cat(items)
+    if data._pairs is None:
+        users, items = read_pairs(data.train_files, data.user_column, data.item_column, data.label_column)
+        data._pairs = torch.from_numpy(users), torch.from_numpy(items)
+    return data._pairs
+
+
+def train_matrix(data: EtlData):
+    """train_pairs as the binary users x items CSR matrix of models.ranking.train_matrix."""
+    from merlin_ncf.models.ranking import interaction_matrix
+
+    users, items = train_pairs(data)
+    return interaction_matrix(users.numpy(), items.numpy(), data.num_users, data.num_items)
 
 
 def train_loader(data: EtlData, batch_size: int, epoch: int, seed: int, rank: int = 0, world: int = 1,
@@ -142,9 +154,12 @@ def train_loader(data: EtlData, batch_size: int, epoch: int, seed: int, rank: in
     """
     merlin_io, Loader, _ = _merlin()
     order = np.random.RandomState(shared_seed(seed, epoch, bits=32)).permutation(len(data.train_files))
-    files = [str(data.train_files[i]) for i in order]
+    files = tuple(str(data.train_files[i]) for i in order)
     on_cpu = device.type == "cpu"
-    dataset = merlin_io.Dataset(files, engine="parquet", schema=data.schema, cpu=on_cpu)
+    dataset = data._datasets.get((files, on_cpu))
+    if dataset is None:
+        dataset = data._datasets[files, on_cpu] = merlin_io.Dataset(list(files), engine="parquet",
+                                                                   schema=data.schema, cpu=on_cpu)
     if dataset.npartitions < world:
         raise TrainingError(
             f"train/ has {dataset.npartitions} partitions, fewer than the {world} processes: "

@@ -13,11 +13,6 @@ NEGATIVE_SAMPLING = ("uniform", "exclude-seen")
 SELECT = ("hr", "ndcg", "hr+ndcg")  # the validation metric that keeps the best epoch (trainer.selection_score)
 OPTIMIZERS = ("adam", "sparse-adam")  # models/trainer.py build_optimizer
 
-# Model options that resolve() sizes below (measured for NeuMF and its branches); the CLI
-# leaves them unset (auto) for these models. Other models keep their class defaults.
-SIZED_MODEL_OPTIONS = {"neumf": ("factors", "mlp_layers", "dropout"), "gmf": ("factors",),
-                       "mlp": ("mlp_layers", "dropout"), "multvae": ("total_anneal_steps",)}
-
 # ~50 steps per epoch: on ml-latest-small (498k samples) batch 8192 beat 4096 (~120 steps) on
 # validation NDCG@10 over two seeds (docs/training-defaults.md). On ml-20m (~100M samples) the
 # cap, NVIDIA's 2^20 batch (~95 steps), binds either way.
@@ -49,11 +44,16 @@ def user_batch_size(users: int) -> int:
     return int(min(2**exponent, MAX_USER_BATCH))
 
 
+def user_rows_model_options(users: int, batch: int, epochs: int) -> dict:
+    return {"total_anneal_steps": ANNEAL_STEPS_PER_STEP * epochs * math.ceil(users / batch)}
+
+
 def resolve_user_rows(args: argparse.Namespace, users: int) -> dict:
     batch = args.batch_size or user_batch_size(users)
     epochs = args.epochs or USER_EPOCHS
-    return {"batch_size": batch, "epochs": epochs, "patience": USER_PATIENCE,
-            "total_anneal_steps": ANNEAL_STEPS_PER_STEP * epochs * math.ceil(users / batch)}
+    # user-row models read whole tables: dense adam (models/trainer.py sparse_tables)
+    return {"batch_size": batch, "epochs": epochs, "patience": USER_PATIENCE, "optimizer": "adam",
+            **user_rows_model_options(users, batch, epochs)}
 
 
 # Sparse embedding gradients + row-wise Adam pay a gather/scatter per touched row; dense Adam
@@ -74,11 +74,28 @@ def optimizer(batch: int, negatives: int, table_rows: int | None) -> str:
 COMMON = {"select": "hr", "weight_decay": 0.0}
 
 
+def ncf_model_options(large: bool) -> dict:
+    """NeuMF's (and its branches') model options at a batch below / from LARGE_BATCH."""
+    return {
+        "factors": 64,
+        "mlp_layers": [256, 256, 128, 64] if large else [128, 128, 64],
+        # at ~100k ratings dropout 0 was level with or above 0.1 on validation (two seeds)
+        "dropout": 0.5 if large else 0.0,
+    }
+
+
+# The model options resolve() sizes, for the models they were measured on: the CLI leaves
+# those unset (auto) for these models (a model takes the ones it has); others keep their
+# class defaults.
+SIZED_MODEL_OPTIONS = {**dict.fromkeys(("neumf", "gmf", "mlp"), tuple(ncf_model_options(False))),
+                       "multvae": tuple(user_rows_model_options(1, 1, 1))}
+
+
 def resolve(args: argparse.Namespace, train_rows: int, users: int = 0, input_type: str = "pointwise",
-            table_rows: int | None = None) -> dict:
+            table_rows: int | None = None, sparse_embeddings: bool = True) -> dict:
     """Fill every option left at None from the training set's size (positives; users for
-    user-row models; the embedding tables' rows, users + items, for --optimizer); return the
-    values chosen."""
+    user-row models; the embedding tables' rows, users + items, for --optimizer, which only
+    models with `sparse_embeddings` can take sparse); return the values chosen."""
     if input_type == "user_rows":
         return fill(args, {**resolve_user_rows(args, users), **COMMON})
     samples = train_rows * (1 + args.negatives)
@@ -98,12 +115,8 @@ def resolve(args: argparse.Namespace, train_rows: int, users: int = 0, input_typ
         # exclude-seen tied with uniform on ml-latest-small and the demo (docs/training-defaults.md)
         # and costs a lookup per sample: uniform at every size.
         "negative_sampling": "uniform",
-        # models whose tables are not lookup-only get adam before this (train_ncf.py)
-        "optimizer": optimizer(batch, args.negatives, table_rows),
-        "factors": 64,
-        "mlp_layers": [256, 256, 128, 64] if large else [128, 128, 64],
-        # at ~100k ratings dropout 0 was level with or above 0.1 on validation (two seeds)
-        "dropout": 0.5 if large else 0.0,
+        "optimizer": optimizer(batch, args.negatives, table_rows) if sparse_embeddings else "adam",
+        **ncf_model_options(large),
     }
     return fill(args, chosen)
 

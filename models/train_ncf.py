@@ -120,6 +120,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--eps", type=positive_float, default=1e-8, help="Adam epsilon")
     train.add_argument("--weight-decay", type=non_negative_float,
                        help=f"AdamW's decoupled weight decay, 0: plain Adam ({auto})")
+    train.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                       help="constant, or cosine: the learning rate decays to 0 over --epochs (by optimizer step)")
+    train.add_argument("--ema", type=unit_interval, default=0.0,
+                       help="decay per optimizer step of an exponential moving average of the weights, which "
+                            "is then what is evaluated, kept in best.pt and exported (0: none)")
     train.add_argument("--optimizer", choices=OPTIMIZERS,
                        help="adam: dense Adam on every parameter; sparse-adam: sparse embedding gradients, "
                             "their rows updated by a row-wise (lazy) Adam, dense Adam for the rest "
@@ -229,10 +234,8 @@ def choose_defaults(args, data, world: int = 1, verbose: bool = False) -> None:
         if getattr(args, name, 0) is None:
             setattr(args, name, value)
             picked[name] = value
-    if getattr(args, "optimizer", 0) is None and not cls.sparse_embeddings:
-        args.optimizer = picked["optimizer"] = "adam"
     picked.update(resolve(args, data.train_rows, data.num_users, cls.input_type,
-                          table_rows=data.num_users + data.num_items))
+                          table_rows=data.num_users + data.num_items, sparse_embeddings=cls.sparse_embeddings))
     if args.eval_batch_size is None:
         args.eval_batch_size = 2**20
     if args.batch_size // (world * args.grad_accumulation * samples_per_row(cls.input_type, args.negatives)) < 1:
@@ -392,11 +395,12 @@ def test_metrics(trainer, data, test_lists, sampled: tuple[float, float] | None 
     """The final test metrics: sampled HR@K / NDCG@K on the test lists (`sampled` when the
     caller has them) and full-ranking Recall@K / NDCG@K over all items but the user's
     training items and the reserved ids (models/ranking.py)."""
-    from merlin_ncf.models.ranking import SeenItems, train_matrix
+    from merlin_ncf.models.data import train_matrix
+    from merlin_ncf.models.ranking import SeenItems
 
     k = trainer.options.topk
     hr, ndcg = sampled if sampled is not None else trainer.evaluate(test_lists)[:2]
-    recall, full_ndcg = trainer.evaluate_full(test_lists, SeenItems.from_csr(train_matrix(data.spec)))
+    recall, full_ndcg = trainer.evaluate_full(test_lists, SeenItems.from_csr(train_matrix(data)))
     return {f"hr@{k}": hr, f"ndcg@{k}": ndcg, f"full_recall@{k}": recall, f"full_ndcg@{k}": full_ndcg}
 
 
@@ -483,7 +487,7 @@ def train_in(args, data, device, context, resume, model, eval_lists, test_lists,
         raise TrainingError(f"no epoch reached a finite {eval_split} HR@{options.topk}: nothing to keep")
     context.barrier()  # best.pt is on disk
     best_path = args.output / "checkpoints" / "best.pt"
-    trainer.model.load_state_dict(model_from(ckpt.load(best_path), best_path).state_dict())
+    trainer.keep_only(model_from(ckpt.load(best_path), best_path).state_dict())
     sampled = None
     if eval_split == "test":
         best = state.history[state.best_epoch - 1]

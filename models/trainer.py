@@ -53,6 +53,8 @@ class TrainOptions:
     beta2: float = 0.5
     eps: float = 1e-8
     weight_decay: float = 0.0  # AdamW's decoupled decay (0: plain Adam)
+    lr_schedule: str = "constant"  # or "cosine": lr decays to 0 over `epochs` (lr_factor)
+    ema: float = 0.0  # decay of an exponential moving average of the weights that is scored and kept (0: none)
     optimizer: str = "adam"  # or "sparse-adam" (OPTIMIZERS)
     grad_accumulation: int = 1
     amp: bool = False
@@ -101,12 +103,16 @@ class State:
     """What survives a restart besides the model and optimizer."""
 
     epoch: int = 0  # epochs completed
-    best_hr: float = -1.0  # the validation HR@K at best_epoch
     best_score: float = -1.0  # the selection metric (TrainOptions.select) at best_epoch
     best_epoch: int = -1
     stale_epochs: int = 0
     steps: int = 0  # optimizer steps taken over all epochs (the loss's `step`)
     history: list = field(default_factory=list)
+
+    @property
+    def best_hr(self) -> float:
+        """The validation HR@K at best_epoch (from its history row)."""
+        return self.history[self.best_epoch - 1]["hr"] if self.best_epoch >= 1 else -1.0
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -115,6 +121,14 @@ def autocast(device: torch.device, enabled: bool):
     # fp16 + GradScaler on CUDA; bf16 on CPU, where fp16 matmuls are slow and unscaled.
     dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def lr_factor(schedule: str, step: int, total_steps: int) -> float:
+    """The learning rate's multiplier at optimizer step `step` (0-based) of `total_steps`:
+    a function of the step alone, so a resumed run follows the same curve."""
+    if schedule == "constant":
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * min(step / max(total_steps, 1), 1.0)))  # cosine
 
 
 def selection_score(select: str, hr: float, ndcg: float) -> float:
@@ -198,17 +212,38 @@ class Trainer:
             negatives = options.negatives if self.input_type == "pointwise" else 1
             self.sampler = NegativeSampler(data.first_item, data.num_items, negatives, seen).to(device)
         self.run_dir = run_dir if self.context.is_main else None
+        # The average is what evaluation scores and checkpoints keep as "model" (so best.pt,
+        # model.ts and --mode test need nothing new); the trained weights ride beside it.
+        self.ema = None
+        if options.ema:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(options.ema))
         self.state = State()
-        self.steps_taken = 0  # in this process (the kill aid counts these)
+        self.first_step = 0  # state.steps when this process started (resume_from moves it)
         self.kill_after = int(os.environ.get(KILL_AFTER_STEPS, "0") or 0)
 
     # --- checkpoints ------------------------------------------------------------
 
+    @property
+    def scored(self) -> nn.Module:
+        """The weights evaluation scores: the moving average with --ema, else the model."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def keep_only(self, state: dict) -> None:
+        """Load a kept model state (best.pt's) as the only weights, the average dropped."""
+        self.model.load_state_dict(state)
+        self.ema = None
+
     def checkpoint(self) -> dict:
+        def cpu(module):
+            return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
         return {
             "format": ckpt.FORMAT,
-            "model": {"name": model_name(self.model), "config": self.model.config,
-                      "state": {k: v.detach().cpu() for k, v in self.model.state_dict().items()}},
+            "model": {"name": model_name(self.model), "config": self.model.config, "state": cpu(self.scored)},
+            **({"trained": {"state": cpu(self.model), "averaged_steps": int(self.ema.n_averaged)}}
+               if self.ema is not None else {}),
             # "adam" under the key of checkpoints from before sparse-adam, which resume as they were.
             "optimizer": self.optimizers["adam"].state_dict() if "adam" in self.optimizers else None,
             "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items() if name != "adam"},
@@ -219,7 +254,15 @@ class Trainer:
         }
 
     def resume_from(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"]["state"])
+        averaged = state.get("options", {}).get("ema", 0.0)
+        if averaged != self.options.ema:
+            raise TrainingError(f"the checkpoint was trained with --ema {averaged:g}: resume with it")
+        if self.ema is not None:
+            self.model.load_state_dict(state["trained"]["state"])
+            self.ema.module.load_state_dict(state["model"]["state"])
+            self.ema.n_averaged.fill_(state["trained"]["averaged_steps"])
+        else:
+            self.model.load_state_dict(state["model"]["state"])
         trained = state.get("options", {}).get("optimizer", "adam")
         saved = {**state.get("optimizers", {}), **({"adam": state["optimizer"]} if state.get("optimizer") else {})}
         if trained != self.options.optimizer or set(saved) != set(self.optimizers):
@@ -229,9 +272,18 @@ class Trainer:
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         progress = dict(state["state"])
-        progress.setdefault("best_score", progress.get("best_hr", -1.0))  # checkpoints from before --select
+        # Checkpoints from before --select kept only best_hr; later ones kept both (best_hr is
+        # now read from the history).
+        progress.setdefault("best_score", progress.get("best_hr", -1.0))
+        progress.pop("best_hr", None)
         self.state = State(**progress)
+        self.first_step = self.state.steps
         ckpt.restore_rng(state["rng"])
+
+    @property
+    def steps_taken(self) -> int:
+        """Optimizer steps taken in this process (the kill aid counts these)."""
+        return self.state.steps - self.first_step
 
     # --- evaluation -------------------------------------------------------------
 
@@ -239,7 +291,7 @@ class Trainer:
     def evaluate(self, candidates: Candidates) -> tuple[float, float, float]:
         """HR@K, NDCG@K over all ranks' lists and candidates scored per second."""
         shard = candidates.shard(self.context.rank, self.context.world)
-        self.model.eval()
+        model = self.scored.eval()
         lists_per_pass = max(1, self.options.eval_batch_size // shard.items.shape[1]) if len(shard.users) else 1
         hits = ndcg = 0.0
         start = time.perf_counter()
@@ -247,7 +299,7 @@ class Trainer:
             users = shard.users[lo:lo + lists_per_pass].to(self.device, non_blocking=True)
             items = shard.items[lo:lo + lists_per_pass].to(self.device, non_blocking=True)
             with autocast(self.device, self.options.amp):
-                scores = self.model(users, items)
+                scores = model(users, items)
             h, n = hit_and_ndcg_sums(scores, self.options.topk)
             hits, ndcg = hits + h, ndcg + n
         total_hits, total_ndcg, lists = self.context.sum([hits, ndcg, float(len(shard.users))])
@@ -261,11 +313,11 @@ class Trainer:
         but the user's training items and the reserved ids, over all ranks' lists. Costs a
         score of the whole catalogue per user: the final evaluation only, not every epoch."""
         shard = candidates.shard(self.context.rank, self.context.world)
-        self.model.eval()
+        model = self.scored.eval()
 
         def score_all(users: torch.Tensor) -> torch.Tensor:
             with autocast(self.device, self.options.amp):
-                return self.model.score_all(users.to(self.device)).float()
+                return model.score_all(users.to(self.device)).float()
 
         recall, ndcg, users = full_ranking_sums(score_all, shard.users, shard.items[:, 0], seen,
                                                 self.data.first_item, self.options.topk,
@@ -352,12 +404,19 @@ class Trainer:
                     self.check_finite(loss, epoch, step)
                     self.scaler.scale(loss / accumulation).backward()
                 if boundary:
+                    if options.lr_schedule != "constant":
+                        total = options.epochs * math.ceil(steps / accumulation)
+                        lr = options.lr * lr_factor(options.lr_schedule, self.state.steps, total)
+                        for optimizer in self.optimizers.values():
+                            for group in optimizer.param_groups:
+                                group["lr"] = lr
                     for optimizer in self.optimizers.values():
                         self.scaler.step(optimizer)
                     self.scaler.update()
                     for optimizer in self.optimizers.values():
                         optimizer.zero_grad(set_to_none=True)
-                    self.steps_taken += 1
+                    if self.ema is not None:
+                        self.ema.update_parameters(self.model)
                     self.state.steps += 1
                     if self.kill_after and self.steps_taken >= self.kill_after:
                         os.kill(os.getpid(), signal.SIGKILL)  # simulates a crash, for resume tests
@@ -402,14 +461,12 @@ class Trainer:
             state.epoch = epoch + 1
             state.history.append(asdict(record))
             if improved:
-                state.best_hr, state.best_score, state.best_epoch, state.stale_epochs = hr, score, epoch + 1, 0
+                state.best_score, state.best_epoch, state.stale_epochs = score, epoch + 1, 0
             else:
                 state.stale_epochs += 1
             if self.run_dir is not None:
-                snapshot = self.checkpoint()
-                if improved:
-                    ckpt.save_atomic(snapshot, self.run_dir / "checkpoints" / "best.pt")
-                ckpt.save_atomic(snapshot, self.run_dir / "checkpoints" / "last.pt")
+                kept = ("best.pt", "last.pt") if improved else ("last.pt",)
+                ckpt.save_atomic(self.checkpoint(), *(self.run_dir / "checkpoints" / name for name in kept))
             if on_epoch is not None:
                 on_epoch(record)
             if hr >= options.threshold or (options.patience and state.stale_epochs >= options.patience):
