@@ -141,29 +141,6 @@ class NeuMF(Recommender):
     # full ranking of ml-latest-small faster than 2^18 or 2^20 (cache-sized passes).
     score_all_chunk = 2**16
 
-    def score_all(self, user: torch.Tensor) -> torch.Tensor:
-        """forward() against every item, with the item-side terms (GMF item table, the item
-        half of the first MLP layer) computed once per call instead of once per user: the
-        full ranking's cost is then mostly the MLP above its first layer."""
-        weight = self.final.weight.squeeze(0)
-        logits = self.final.bias.expand(user.numel(), self.num_items)
-        if self.use_gmf:
-            mf_dim = self.gmf_user.embedding_dim
-            logits = logits + (self.gmf_user(user) * weight[:mf_dim]) @ self.gmf_item.weight.T
-            weight = weight[mf_dim:]
-        if self.use_mlp:
-            half = self.mlp_user.embedding_dim
-            first, bias = self.mlp_first.scaled_parameters()
-            item_part = F.linear(self.mlp_item.weight, first[:, half:], bias)
-            user_part = F.linear(self.mlp_user(user), first[:, :half])
-            rows = max(1, self.score_all_chunk // self.num_items)
-            parts = []
-            for lo in range(0, user.numel(), rows):
-                hidden = self.mlp_rest(self.mlp_first.activate(item_part + user_part[lo:lo + rows].unsqueeze(1)))
-                parts.append(F.linear(hidden, weight.unsqueeze(0)).squeeze(2))
-            logits = logits + torch.cat(parts)
-        return logits
-
     def loss(self, batch: PointwiseBatch, *, step: int) -> torch.Tensor:
         return F.binary_cross_entropy_with_logits(self.forward(batch.user, batch.item).float(), batch.label)
 
