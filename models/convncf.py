@@ -42,24 +42,32 @@ def _chunks(total: int, per_row: int):
     return [slice(lo, min(lo + step, total)) for lo in range(0, total, step)]
 
 
-def _units(item, user, user_units, lo, hi, per_row):
-    """The operands of units lo..hi of the first layer's bmm: a unit is (row of candidates,
-    second-layer patch row A); its item side is its row's, its user side its user's for that A
-    (index_select per chunk, so neither side is ever expanded to all units in memory)."""
-    rows = torch.arange(lo, hi, device=item.device) // per_row
-    return rows, item.index_select(0, rows), user_units[lo:hi], user.index_select(0, user_units[lo:hi])
+def _units(item, user, user_units, unit_rows, chunk: slice):
+    """The operands of a chunk of units of the first layer's bmm: a unit is (row of candidates,
+    second-layer patch row A); its item side is its row's (unit_rows), its user side its
+    user's for that A (user_units); index_select per chunk, so neither side is ever expanded
+    to all units in memory."""
+    rows, users = unit_rows[chunk], user_units[chunk]
+    return rows, item.index_select(0, rows), users, user.index_select(0, users)
+
+
+def _unit_rows(item, user_units):
+    per_row = user_units.shape[0] // item.shape[0]
+    return torch.arange(user_units.shape[0], device=user_units.device) // per_row
 
 
 def _second_layer_chunks(item, user, user_units, weight, bias) -> torch.Tensor:
-    """relu(second layer) of relu(bmm(item, user)), chunk by chunk: in place, and addmm's out=
-    rather than a torch.cat of the chunks (each ReLU, cat or bias add over a map is a pass
-    over memory)."""
-    units, per_row = user_units.shape[0], user_units.shape[0] // item.shape[0]
+    """relu(second layer) of relu(bmm(item, user)), chunk by chunk: in place, into one buffer,
+    and addmm's out= rather than a torch.cat of the chunks (each ReLU, cat or bias add over a
+    map is a pass over memory, and a fresh buffer a chunk is one more)."""
+    units, unit_rows = user_units.shape[0], _unit_rows(item, user_units)
     out = item.new_empty(units, item.shape[1] * user.shape[2] // weight.shape[1], weight.shape[0])
-    for chunk in _chunks(units, item.shape[1] * user.shape[2]):
-        _, item_c, _, user_c = _units(item, user, user_units, chunk.start, chunk.stop, per_row)
-        first = torch.bmm(item_c, user_c).relu_()  # [n, (candidates, B, j), (i, c)]
-        torch.addmm(bias, first.view(-1, weight.shape[1]), weight.t(), out=out[chunk].view(-1, weight.shape[0]))
+    chunks = _chunks(units, item.shape[1] * user.shape[2])
+    first = item.new_empty(chunks[0].stop, item.shape[1], user.shape[2])
+    for chunk in chunks:
+        _, item_c, _, user_c = _units(item, user, user_units, unit_rows, chunk)
+        map_ = torch.bmm(item_c, user_c, out=first[:len(item_c)]).relu_()  # [n, (candidates, B, j), (i, c)]
+        torch.addmm(bias, map_.view(-1, weight.shape[1]), weight.t(), out=out[chunk].view(-1, weight.shape[0]))
         out[chunk].relu_()
     return out
 
@@ -80,24 +88,31 @@ class _FirstTwoLayers(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         item, user, user_units, weight, out = ctx.saved_tensors
-        units, per_row = user_units.shape[0], user_units.shape[0] // item.shape[0]
+        units, unit_rows = user_units.shape[0], _unit_rows(item, user_units)
         # fp32 sums: a row's or a user's gradient adds several units' (bf16 under autocast)
         grad_item = torch.zeros(item.shape, dtype=torch.float32, device=item.device)
         grad_user = torch.zeros(user.shape, dtype=torch.float32, device=user.device)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        grad_out = torch.ops.aten.threshold_backward(grad_out.to(item.dtype), out, 0)
-        for chunk in _chunks(units, item.shape[1] * user.shape[2]):
-            rows, item_c, users, user_c = _units(item, user, user_units, chunk.start, chunk.stop, per_row)
-            first = torch.bmm(item_c, user_c).relu_()
-            grad = grad_out[chunk].reshape(-1, weight.shape[0])
-            if grad_weight.dtype == first.dtype:
-                grad_weight.addmm_(grad.t(), first.view(grad.shape[0], -1))
+        # contiguous (it arrives permuted), so that each chunk's rows are a view
+        grad_out = torch.ops.aten.threshold_backward(grad_out.to(item.dtype).contiguous(), out, 0)
+        grad_out = grad_out.view(-1, weight.shape[0])
+        chunks = _chunks(units, item.shape[1] * user.shape[2])
+        first = item.new_empty(chunks[0].stop, item.shape[1], user.shape[2])
+        grad_first = torch.empty_like(first)
+        for chunk in chunks:
+            rows, item_c, users, user_c = _units(item, user, user_units, unit_rows, chunk)
+            map_ = torch.bmm(item_c, user_c, out=first[:len(item_c)]).relu_()
+            grad = grad_out[chunk.start * out.shape[1]:chunk.stop * out.shape[1]]
+            if grad_weight.dtype == map_.dtype:
+                grad_weight.addmm_(grad.t(), map_.view(grad.shape[0], -1))
             else:  # bf16 products, summed in fp32
-                grad_weight += grad.t().mm(first.view(grad.shape[0], -1))
-            grad_first = torch.ops.aten.threshold_backward(grad.mm(weight).view(first.shape), first, 0)
-            grad_item.index_add_(0, rows, torch.bmm(grad_first, user_c.transpose(1, 2)).float())
-            grad_user.index_add_(0, users, torch.bmm(item_c.transpose(1, 2), grad_first).float())
-        grad_bias = grad_out.reshape(-1, weight.shape[0]).float().sum(0)
+                grad_weight += grad.t().mm(map_.view(grad.shape[0], -1))
+            grad_map = torch.mm(grad, weight, out=grad_first[:len(item_c)].view(grad.shape[0], -1)).view(map_.shape)
+            torch.ops.aten.threshold_backward.grad_input(grad_map, map_, 0, grad_input=grad_map)  # in place
+            # user_c @ grad_map^T, transposed: faster than grad_map @ user_c^T (N = k + 1 is tiny)
+            grad_item.index_add_(0, rows, torch.bmm(user_c, grad_map.transpose(1, 2)).transpose(1, 2).float())
+            grad_user.index_add_(0, users, torch.bmm(item_c.transpose(1, 2), grad_map).float())
+        grad_bias = grad_out.float().sum(0)
         return grad_item.to(item.dtype), grad_user.to(user.dtype), None, grad_weight, grad_bias
 
 
@@ -106,7 +121,7 @@ def first_two_layers(item: torch.Tensor, user: torch.Tensor, user_units: torch.T
     """relu(second layer): _FirstTwoLayers when training; when tracing for serving, the same ops
     in one piece (a traced loop would be unrolled for the example's size)."""
     if torch.jit.is_tracing():
-        _, item, _, user = _units(item, user, user_units, 0, user_units.shape[0], user_units.shape[0] // item.shape[0])
+        _, item, _, user = _units(item, user, user_units, _unit_rows(item, user_units), slice(None))
         first = F.relu(torch.bmm(item, user))
         return F.relu(F.linear(first.view(item.shape[0], -1, weight.shape[1]), weight, bias))
     if torch.is_grad_enabled():
