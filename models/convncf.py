@@ -201,12 +201,12 @@ class ConvNCF(Recommender):
             hidden, rest = hidden.permute(0, 3, 2, 1), len(self.patch_layers)  # all done: [N, 1, 1, C]
         for conv, patches in list(zip(self.convs[1:], self.patch_layers))[rest:]:
             hidden = F.relu(self._patch_conv(hidden, conv) if patches else
-                            F.conv2d(hidden.permute(0, 3, 1, 2), conv.weight.transpose(2, 3), conv.bias,
-                                     conv.stride).permute(0, 2, 3, 1))
+                            F.conv2d(hidden.reshape(-1, *hidden.shape[-3:]).permute(0, 3, 1, 2),
+                                     conv.weight.transpose(2, 3), conv.bias, conv.stride).permute(0, 2, 3, 1))
         # the 32 -> 1 prediction in fp32 even under autocast: bf16 scores tie often, and the
-        # ranking counts ties against the positive
+        # ranking counts ties against the positive; the map is 1 x 1 by now
         with torch.autocast(hidden.device.type, enabled=False):
-            return self.predict(self.dropout(hidden.flatten(1).float())).view(items.shape)
+            return self.predict(self.dropout(hidden.reshape(-1, hidden.shape[-1]).float())).view(items.shape)
 
     def _first_layers(self, p: torch.Tensor, index: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, int]:
         """The first convolution (kernel = stride = k) without building the map, and the second
@@ -243,20 +243,22 @@ class ConvNCF(Recommender):
             hidden = F.relu(torch.bmm(item_side.repeat_interleave(blocks // g, dim=0).to(user_side.dtype),
                                       user_side.index_select(0, user_units)))
         # [rows, A, candidates, B, C]
-        hidden = hidden.view(rows, blocks // g, candidates, blocks // g, channels)
-        hidden = hidden.permute(0, 2, 3, 1, 4).reshape(rows * candidates, blocks // g, blocks // g, channels)
+        # [rows, A, candidates, B, C] viewed as [rows, candidates, B, A, C]: the next patch
+        # layer's one copy reorders it into its patches (a second copy here would be a pass
+        # over the map, forward and backward)
+        hidden = hidden.view(rows, blocks // g, candidates, blocks // g, channels).permute(0, 2, 3, 1, 4)
         return hidden, int(second)
 
     @staticmethod
     def _patch_conv(hidden: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-        """A kernel = stride convolution of a transposed channels-last map [N, b, a, C] as one
-        GEMM over its non-overlapping patches (faster on CPU than oneDNN's small convolutions
-        with their backward and the layout changes around them)."""
-        k, (n, rows, cols, channels) = conv.stride[0], hidden.shape
-        patches = hidden.reshape(n, rows // k, k, cols // k, k, channels).permute(0, 1, 3, 2, 4, 5)
+        """A kernel = stride convolution of transposed channels-last maps [..., b, a, C] (any
+        strides) as one GEMM over their non-overlapping patches (faster on CPU than oneDNN's
+        small convolutions with their backward and the layout changes around them)."""
+        k, (*lead, rows, cols, channels) = conv.stride[0], hidden.shape
+        patches = hidden.unflatten(-3, (rows // k, k)).unflatten(-2, (cols // k, k)).transpose(-4, -3)
         weight = conv.weight.permute(0, 3, 2, 1).reshape(conv.out_channels, -1)  # [C', (j, i, c)]
         out = F.linear(patches.reshape(-1, k * k * channels), weight, conv.bias)
-        return out.view(n, rows // k, cols // k, conv.out_channels)
+        return out.view(*lead, rows // k, cols // k, conv.out_channels)
 
     def reg_loss(self) -> torch.Tensor:
         embeddings, layers = self.config["reg_weights"]

@@ -19,7 +19,11 @@ def recbole_forward(model: ConvNCF, user: torch.Tensor, item: torch.Tensor) -> t
 
 
 @pytest.mark.parametrize("config", [{}, RECBOLE, dict(embedding_size=8, cnn_channels=[4, 5], cnn_kernels=[3, 3],
-                                                       cnn_strides=[2, 3])])
+                                                       cnn_strides=[2, 3]),
+                                    # split first layer, then a convolution that is not a patch GEMM
+                                    dict(embedding_size=8, cnn_channels=[4, 5], cnn_kernels=[2, 4], cnn_strides=[2, 1]),
+                                    dict(embedding_size=16, cnn_channels=[4, 5, 3], cnn_kernels=[2, 2, 4],
+                                         cnn_strides=[2, 2, 1])])
 def test_candidate_lists_score_like_recboles_pairs(config):
     torch.manual_seed(0)
     model = ConvNCF(20, 30, **config).eval()
