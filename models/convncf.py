@@ -59,16 +59,23 @@ def _unit_rows(item, user_units):
 def _second_layer_chunks(item, user, user_units, weight, bias) -> torch.Tensor:
     """relu(second layer) of relu(bmm(item, user)), chunk by chunk: in place, into one buffer,
     and addmm's out= rather than a torch.cat of the chunks (each ReLU, cat or bias add over a
-    map is a pass over memory, and a fresh buffer a chunk is one more)."""
+    map is a pass over memory, and a fresh buffer a chunk is one more). A chunk is a whole
+    number of units, or, when one unit's map is larger (a catalogue's candidates), a slice of
+    its map rows: whole second-layer patch rows (g map rows each), so they stay in L2 too."""
     units, unit_rows = user_units.shape[0], _unit_rows(item, user_units)
-    out = item.new_empty(units, item.shape[1] * user.shape[2] // weight.shape[1], weight.shape[0])
-    chunks = _chunks(units, item.shape[1] * user.shape[2])
-    first = item.new_empty(chunks[0].stop, item.shape[1], user.shape[2])
+    map_rows, width, channels = item.shape[1], user.shape[2], weight.shape[0]
+    g = weight.shape[1] // width
+    span = min(map_rows, max(g, CHUNK_ELEMENTS // width // g * g))
+    out = item.new_empty(units, map_rows // g, channels)
+    chunks = _chunks(units, map_rows * width)
+    first = item.new_empty(chunks[0].stop, span, width)
     for chunk in chunks:
         _, item_c, _, user_c = _units(item, user, user_units, unit_rows, chunk)
-        map_ = torch.bmm(item_c, user_c, out=first[:len(item_c)]).relu_()  # [n, (candidates, B, j), (i, c)]
-        torch.addmm(bias, map_.view(-1, weight.shape[1]), weight.t(), out=out[chunk].view(-1, weight.shape[0]))
-        out[chunk].relu_()
+        for lo in range(0, map_rows, span):  # one pass unless a unit's map exceeds a chunk (then one unit)
+            hi = min(lo + span, map_rows)
+            map_ = torch.bmm(item_c[:, lo:hi], user_c, out=first[:len(item_c), :hi - lo]).relu_()
+            part = out[chunk, lo // g:hi // g]  # [n, (candidates, B), C']: contiguous (all rows, or one unit)
+            torch.addmm(bias, map_.view(-1, weight.shape[1]), weight.t(), out=part.view(-1, channels)).relu_()
     return out
 
 
