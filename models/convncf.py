@@ -97,7 +97,7 @@ class _FirstTwoLayers(torch.autograd.Function):
         item, user, user_units, weight, out = ctx.saved_tensors
         units, unit_rows = user_units.shape[0], _unit_rows(item, user_units)
         # fp32 sums: a row's or a user's gradient adds several units' (bf16 under autocast)
-        grad_item = torch.zeros(item.shape, dtype=torch.float32, device=item.device)
+        grad_item_t = torch.zeros(item.transpose(1, 2).shape, dtype=torch.float32, device=item.device)
         grad_user = torch.zeros(user.shape, dtype=torch.float32, device=user.device)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         # contiguous (it arrives permuted), so that each chunk's rows are a view
@@ -116,11 +116,12 @@ class _FirstTwoLayers(torch.autograd.Function):
                 grad_weight += grad.t().mm(map_.view(grad.shape[0], -1))
             grad_map = torch.mm(grad, weight, out=grad_first[:len(item_c)].view(grad.shape[0], -1)).view(map_.shape)
             torch.ops.aten.threshold_backward.grad_input(grad_map, map_, 0, grad_input=grad_map)  # in place
-            # user_c @ grad_map^T, transposed: faster than grad_map @ user_c^T (N = k + 1 is tiny)
-            grad_item.index_add_(0, rows, torch.bmm(user_c, grad_map.transpose(1, 2)).transpose(1, 2).float())
+            # (grad_map @ user_c^T)^T: faster than grad_map @ user_c^T (N = k + 1 is tiny), and
+            # index_add_ is too from a contiguous source
+            grad_item_t.index_add_(0, rows, torch.bmm(user_c, grad_map.transpose(1, 2)).float())
             grad_user.index_add_(0, users, torch.bmm(item_c.transpose(1, 2), grad_map).float())
         grad_bias = grad_out.float().sum(0)
-        return grad_item.to(item.dtype), grad_user.to(user.dtype), None, grad_weight, grad_bias
+        return grad_item_t.transpose(1, 2).to(item.dtype), grad_user.to(user.dtype), None, grad_weight, grad_bias
 
 
 def first_two_layers(item: torch.Tensor, user: torch.Tensor, user_units: torch.Tensor, weight: torch.Tensor,
