@@ -10,13 +10,16 @@ configuration is --cnn-kernels 4 4 2 2 --cnn-strides 4 4 2 2 --cnn-channels 32 3
 
 Speed. The map is never built when the first convolution's kernel equals its stride (the
 paper's and RecBole's stacks): its first layer is a bmm over the user's side, computed once per
-row of candidates (a triple's positive and negative, an evaluation list's 1 + K, a catalogue
-chunk), and the item embeddings (see _first_layers). When the second convolution's kernel also
+distinct user of a batch (2,048 triples on ml-latest-small name ~440 users) and gathered per
+chunk, and the item embeddings (see _first_layers). When the second convolution's kernel also
 equals its stride, that bmm writes the first layer's map directly in the second layer's patch
 order, so the second layer is one GEMM with no copy, and _FirstTwoLayers runs both in chunks
-that fit in L2, recomputing the map in backward: the map (8,192 values a pair with RecBole's
-stack, the model's largest tensor) never goes to memory. Later kernel = stride layers are
-GEMMs over their patches; all of it bf16 under --amp's autocast, the last 32 -> 1 layer in fp32.
+that fit in L2 (a whole-catalogue row in slices of its map), into reused buffers, recomputing
+the map in backward: the map (8,192 values a pair with RecBole's stack, the model's largest
+tensor) never goes to memory. Their output stays a permuted view that the next patch layer
+copies once into its patches. Later kernel = stride layers are GEMMs over their patches; all
+of it bf16 under --amp's autocast, the last 32 -> 1 layer in fp32. What is left of a step is
+mostly these GEMMs (docs/benchmarks.md has the split).
 Training is fp32 unless --amp. On this project's 2-core CPU a step of 2,048 triples took
 148 ms in bf16 against 220 ms in fp32 with 1 thread, but 291 against 143 ms with 2 threads
 (unlocked), and a whole locked bf16 epoch was slower than fp32's (docs/benchmarks.md).
