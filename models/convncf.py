@@ -228,7 +228,8 @@ class ConvNCF(Recommender):
         candidate's first-layer map already in the second layer's patch order [B, (j, i, c)];
         the bias rides along as an extra contraction term, so its gradient is part of the
         bmm's instead of a reduction over the largest tensor. Returns the map, transposed
-        channels-last [N, b, a, C], and how many later layers it has done."""
+        channels-last [rows, candidates, b, a, C] (a permuted view), and how many later layers
+        it has done."""
         first, size = self.convs[0], self.config["embedding_size"]
         k, blocks, channels = first.stride[0], size // first.stride[0], first.out_channels
         second = bool(self.patch_layers) and self.patch_layers[0]
