@@ -103,8 +103,9 @@ class _FirstTwoLayers(torch.autograd.Function):
         grad_item_t = torch.zeros(item.transpose(1, 2).shape, dtype=torch.float32, device=item.device)
         grad_user = torch.zeros(user.shape, dtype=torch.float32, device=user.device)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        # contiguous (it arrives permuted), so that each chunk's rows are a view
-        grad_out = torch.ops.aten.threshold_backward(grad_out.to(item.dtype).contiguous(), out, 0)
+        # into out's (contiguous) layout, so that each chunk's rows are a view: it arrives permuted
+        grad_out = torch.ops.aten.threshold_backward.grad_input(grad_out.to(item.dtype), out, 0,
+                                                                grad_input=torch.empty_like(out))
         grad_out = grad_out.view(-1, weight.shape[0])
         chunks = _chunks(units, item.shape[1] * user.shape[2])
         first = item.new_empty(chunks[0].stop, item.shape[1], user.shape[2])
