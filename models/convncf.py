@@ -79,7 +79,9 @@ def _second_layer_chunks(item, user, user_units, weight, bias) -> torch.Tensor:
             map_ = torch.bmm(item_c[:, lo:hi], user_c, out=first[:len(item_c), :hi - lo]).relu_()
             part = out[chunk, lo // g:hi // g]  # [n, (candidates, B), C']: contiguous (all rows, or one unit)
             torch.addmm(bias, map_.view(-1, weight.shape[1]), weight.t(), out=part.view(-1, channels)).relu_()
-    return out
+    # [rows, A, (candidates, B), C']: the caller's split of the last-but-one dim is a view in
+    # both directions, while a split of the first would make backward copy the gradient
+    return out.view(item.shape[0], -1, *out.shape[1:])
 
 
 class _FirstTwoLayers(torch.autograd.Function):
@@ -113,7 +115,7 @@ class _FirstTwoLayers(torch.autograd.Function):
         for chunk in chunks:
             rows, item_c, users, user_c = _units(item, user, user_units, unit_rows, chunk)
             map_ = torch.bmm(item_c, user_c, out=first[:len(item_c)]).relu_()
-            grad = grad_out[chunk.start * out.shape[1]:chunk.stop * out.shape[1]]
+            grad = grad_out[chunk.start * out.shape[2]:chunk.stop * out.shape[2]]
             if grad_weight.dtype == map_.dtype:
                 grad_weight.addmm_(grad.t(), map_.view(grad.shape[0], -1))
             else:  # bf16 products, summed in fp32
@@ -133,9 +135,11 @@ def first_two_layers(item: torch.Tensor, user: torch.Tensor, user_units: torch.T
     """relu(second layer): _FirstTwoLayers when training; when tracing for serving, the same ops
     in one piece (a traced loop would be unrolled for the example's size)."""
     if torch.jit.is_tracing():
+        rows = item.shape[0]
         _, item, _, user = _units(item, user, user_units, _unit_rows(item, user_units), slice(None))
         first = F.relu(torch.bmm(item, user))
-        return F.relu(F.linear(first.view(item.shape[0], -1, weight.shape[1]), weight, bias))
+        out = F.relu(F.linear(first.view(item.shape[0], -1, weight.shape[1]), weight, bias))
+        return out.view(rows, -1, *out.shape[1:])
     if torch.is_grad_enabled():
         return _FirstTwoLayers.apply(item, user, user_units, weight, bias)
     return _second_layer_chunks(item, user, user_units, weight, bias)
