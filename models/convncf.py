@@ -10,13 +10,16 @@ configuration is --cnn-kernels 4 4 2 2 --cnn-strides 4 4 2 2 --cnn-channels 32 3
 
 Speed. The map is never built when the first convolution's kernel equals its stride (the
 paper's and RecBole's stacks): its first layer is a bmm over the user's side, computed once per
-row of candidates (a triple's positive and negative, an evaluation list's 1 + K, a catalogue
-chunk), and the item embeddings (see _first_layers). When the second convolution's kernel also
+distinct user of a batch (2,048 triples on ml-latest-small name ~440 users) and gathered per
+chunk, and the item embeddings (see _first_layers). When the second convolution's kernel also
 equals its stride, that bmm writes the first layer's map directly in the second layer's patch
 order, so the second layer is one GEMM with no copy, and _FirstTwoLayers runs both in chunks
-that fit in L2, recomputing the map in backward: the map (8,192 values a pair with RecBole's
-stack, the model's largest tensor) never goes to memory. Later kernel = stride layers are
-GEMMs over their patches; all of it bf16 under --amp's autocast, the last 32 -> 1 layer in fp32.
+that fit in L2 (a whole-catalogue row in slices of its map), into reused buffers, recomputing
+the map in backward: the map (8,192 values a pair with RecBole's stack, the model's largest
+tensor) never goes to memory. Their output stays a permuted view that the next patch layer
+copies once into its patches. Later kernel = stride layers are GEMMs over their patches; all
+of it bf16 under --amp's autocast, the last 32 -> 1 layer in fp32. What is left of a step is
+mostly these GEMMs (docs/benchmarks.md has the split).
 Training is fp32 unless --amp. On this project's 2-core CPU a step of 2,048 triples took
 148 ms in bf16 against 220 ms in fp32 with 1 thread, but 291 against 143 ms with 2 threads
 (unlocked), and a whole locked bf16 epoch was slower than fp32's (docs/benchmarks.md).
@@ -42,67 +45,104 @@ def _chunks(total: int, per_row: int):
     return [slice(lo, min(lo + step, total)) for lo in range(0, total, step)]
 
 
-def _second_layer(item: torch.Tensor, user: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                  out: torch.Tensor) -> torch.Tensor:
-    """relu(second layer) of relu(bmm(item, user)) into out: in place, and addmm's out= rather
-    than a torch.cat of the chunks (each ReLU, cat or bias add over a map is a pass over memory)."""
-    first = torch.bmm(item, user).relu_()  # [n, (candidates, B, j), (i, c)]
-    torch.addmm(bias, first.view(-1, weight.shape[1]), weight.t(), out=out.view(-1, weight.shape[0]))
-    return out.relu_()
+def _units(item, user, user_units, unit_rows, chunk: slice):
+    """The operands of a chunk of units of the first layer's bmm: a unit is (row of candidates,
+    second-layer patch row A); its item side is its row's (unit_rows), its user side its
+    user's for that A (user_units); index_select per chunk, so neither side is ever expanded
+    to all units in memory."""
+    rows, users = unit_rows[chunk], user_units[chunk]
+    return rows, item.index_select(0, rows), users, user.index_select(0, users)
 
 
-def _second_layer_out(item: torch.Tensor, user: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return item.new_empty(item.shape[0], item.shape[1] * user.shape[2] // weight.shape[1], weight.shape[0])
+def _unit_rows(item, user_units):
+    per_row = user_units.shape[0] // item.shape[0]
+    return torch.arange(user_units.shape[0], device=user_units.device) // per_row
 
 
-def _second_layer_chunks(item, user, weight, bias) -> torch.Tensor:
-    out = _second_layer_out(item, user, weight)
-    for rows in _chunks(item.shape[0], item.shape[1] * user.shape[2]):
-        _second_layer(item[rows], user[rows], weight, bias, out[rows])
-    return out
+def _second_layer_chunks(item, user, user_units, weight, bias) -> torch.Tensor:
+    """relu(second layer) of relu(bmm(item, user)), chunk by chunk: in place, into one buffer,
+    and addmm's out= rather than a torch.cat of the chunks (each ReLU, cat or bias add over a
+    map is a pass over memory, and a fresh buffer a chunk is one more). A chunk is a whole
+    number of units, or, when one unit's map is larger (a catalogue's candidates), a slice of
+    its map rows: whole second-layer patch rows (g map rows each), so they stay in L2 too."""
+    units, unit_rows = user_units.shape[0], _unit_rows(item, user_units)
+    map_rows, width, channels = item.shape[1], user.shape[2], weight.shape[0]
+    g = weight.shape[1] // width
+    span = min(map_rows, max(g, CHUNK_ELEMENTS // width // g * g))
+    out = item.new_empty(units, map_rows // g, channels)
+    chunks = _chunks(units, map_rows * width)
+    first = item.new_empty(chunks[0].stop, span, width)
+    for chunk in chunks:
+        _, item_c, _, user_c = _units(item, user, user_units, unit_rows, chunk)
+        for lo in range(0, map_rows, span):  # one pass unless a unit's map exceeds a chunk (then one unit)
+            hi = min(lo + span, map_rows)
+            map_ = torch.bmm(item_c[:, lo:hi], user_c, out=first[:len(item_c), :hi - lo]).relu_()
+            part = out[chunk, lo // g:hi // g]  # [n, (candidates, B), C']: contiguous (all rows, or one unit)
+            torch.addmm(bias, map_.view(-1, weight.shape[1]), weight.t(), out=part.view(-1, channels)).relu_()
+    # [rows, A, (candidates, B), C']: the caller's split of the last-but-one dim is a view in
+    # both directions, while a split of the first would make backward copy the gradient
+    return out.view(item.shape[0], -1, *out.shape[1:])
 
 
 class _FirstTwoLayers(torch.autograd.Function):
     """relu(bmm(item, user)) then the second layer's patch GEMM and its ReLU, chunk by chunk,
     keeping the first layer's map (the model's largest tensor, 8,192 values a pair) for no
     longer than a chunk: the backward recomputes it (a K = k + 1 bmm) instead of reading it
-    back from memory."""
+    back from memory. user holds each distinct user's side once; user_units says whose each
+    unit uses, and the backward sums the units' gradients into it (index_add_)."""
 
     @staticmethod
-    def forward(ctx, item, user, weight, bias):
-        out = _second_layer_chunks(item, user, weight, bias)
-        ctx.save_for_backward(item, user, weight, out)
+    def forward(ctx, item, user, user_units, weight, bias):
+        out = _second_layer_chunks(item, user, user_units, weight, bias)
+        ctx.save_for_backward(item, user, user_units, weight, out)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        item, user, weight, out = ctx.saved_tensors
-        grad_item, grad_user = torch.empty_like(item), torch.empty_like(user)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32)
-        grad_out = torch.ops.aten.threshold_backward(grad_out.to(item.dtype), out, 0)
-        for rows in _chunks(item.shape[0], item.shape[1] * user.shape[2]):
-            first = torch.bmm(item[rows], user[rows]).relu_()
-            grad = grad_out[rows].reshape(-1, weight.shape[0])
-            if grad_weight.dtype == first.dtype:
-                grad_weight.addmm_(grad.t(), first.view(grad.shape[0], -1))
+        item, user, user_units, weight, out = ctx.saved_tensors
+        units, unit_rows = user_units.shape[0], _unit_rows(item, user_units)
+        # fp32 sums: a row's or a user's gradient adds several units' (bf16 under autocast)
+        grad_item_t = torch.zeros(item.transpose(1, 2).shape, dtype=torch.float32, device=item.device)
+        grad_user = torch.zeros(user.shape, dtype=torch.float32, device=user.device)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        # into out's (contiguous) layout, so that each chunk's rows are a view: it arrives permuted
+        grad_out = torch.ops.aten.threshold_backward.grad_input(grad_out.to(item.dtype), out, 0,
+                                                                grad_input=torch.empty_like(out))
+        grad_out = grad_out.view(-1, weight.shape[0])
+        chunks = _chunks(units, item.shape[1] * user.shape[2])
+        first = item.new_empty(chunks[0].stop, item.shape[1], user.shape[2])
+        grad_first = torch.empty_like(first)
+        for chunk in chunks:
+            rows, item_c, users, user_c = _units(item, user, user_units, unit_rows, chunk)
+            map_ = torch.bmm(item_c, user_c, out=first[:len(item_c)]).relu_()
+            grad = grad_out[chunk.start * out.shape[2]:chunk.stop * out.shape[2]]
+            if grad_weight.dtype == map_.dtype:
+                grad_weight.addmm_(grad.t(), map_.view(grad.shape[0], -1))
             else:  # bf16 products, summed in fp32
-                grad_weight += grad.t().mm(first.view(grad.shape[0], -1))
-            grad_first = torch.ops.aten.threshold_backward(grad.mm(weight).view(first.shape), first, 0)
-            torch.bmm(grad_first, user[rows].transpose(1, 2), out=grad_item[rows])
-            torch.bmm(item[rows].transpose(1, 2), grad_first, out=grad_user[rows])
-        grad_bias = grad_out.reshape(-1, weight.shape[0]).float().sum(0)
-        return grad_item, grad_user, grad_weight, grad_bias
+                grad_weight += grad.t().mm(map_.view(grad.shape[0], -1))
+            grad_map = torch.mm(grad, weight, out=grad_first[:len(item_c)].view(grad.shape[0], -1)).view(map_.shape)
+            torch.ops.aten.threshold_backward.grad_input(grad_map, map_, 0, grad_input=grad_map)  # in place
+            # (grad_map @ user_c^T)^T: faster than grad_map @ user_c^T (N = k + 1 is tiny), and
+            # index_add_ is too from a contiguous source
+            grad_item_t.index_add_(0, rows, torch.bmm(user_c, grad_map.transpose(1, 2)).float())
+            grad_user.index_add_(0, users, torch.bmm(item_c.transpose(1, 2), grad_map).float())
+        grad_bias = grad_out.float().sum(0)
+        return grad_item_t.transpose(1, 2).to(item.dtype), grad_user.to(user.dtype), None, grad_weight, grad_bias
 
 
-def first_two_layers(item: torch.Tensor, user: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def first_two_layers(item: torch.Tensor, user: torch.Tensor, user_units: torch.Tensor, weight: torch.Tensor,
+                     bias: torch.Tensor) -> torch.Tensor:
     """relu(second layer): _FirstTwoLayers when training; when tracing for serving, the same ops
     in one piece (a traced loop would be unrolled for the example's size)."""
     if torch.jit.is_tracing():
+        rows = item.shape[0]
+        _, item, _, user = _units(item, user, user_units, _unit_rows(item, user_units), slice(None))
         first = F.relu(torch.bmm(item, user))
-        return F.relu(F.linear(first.view(item.shape[0], -1, weight.shape[1]), weight, bias))
+        out = F.relu(F.linear(first.view(item.shape[0], -1, weight.shape[1]), weight, bias))
+        return out.view(rows, -1, *out.shape[1:])
     if torch.is_grad_enabled():
-        return _FirstTwoLayers.apply(item, user, weight, bias)
-    return _second_layer_chunks(item, user, weight, bias)
+        return _FirstTwoLayers.apply(item, user, user_units, weight, bias)
+    return _second_layer_chunks(item, user, user_units, weight, bias)
 
 
 class ConvNCF(Recommender):
@@ -162,71 +202,80 @@ class ConvNCF(Recommender):
             size = (size - conv.kernel_size[0]) // k + 1
 
     def score(self, user: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        p, q = self.user_embedding(user), self.item_embedding(items)  # [B, E], [B, C, E]
+        q = self.item_embedding(items)  # [B, C, E]
         if self.split_first:
-            hidden, rest = self._first_layers(p, q)
+            # the user side once per distinct user (a batch of triples repeats its users); a
+            # trace records its example's ops, so serving keeps one user side per row
+            users, index = ((user, torch.arange(user.shape[0], device=user.device)) if torch.jit.is_tracing()
+                            else torch.unique(user, return_inverse=True))
+            hidden, rest = self._first_layers(self.user_embedding(users), index, q)
         else:
             size = self.config["embedding_size"]
-            hidden = torch.einsum("be,bcf->bcef", p, q).reshape(-1, 1, size, size)
+            hidden = torch.einsum("be,bcf->bcef", self.user_embedding(user), q).reshape(-1, 1, size, size)
             for conv in self.convs:
                 hidden = F.relu(conv(hidden.contiguous(memory_format=torch.channels_last)))
             hidden, rest = hidden.permute(0, 3, 2, 1), len(self.patch_layers)  # all done: [N, 1, 1, C]
         for conv, patches in list(zip(self.convs[1:], self.patch_layers))[rest:]:
             hidden = F.relu(self._patch_conv(hidden, conv) if patches else
-                            F.conv2d(hidden.permute(0, 3, 1, 2), conv.weight.transpose(2, 3), conv.bias,
-                                     conv.stride).permute(0, 2, 3, 1))
+                            F.conv2d(hidden.reshape(-1, *hidden.shape[-3:]).permute(0, 3, 1, 2),
+                                     conv.weight.transpose(2, 3), conv.bias, conv.stride).permute(0, 2, 3, 1))
         # the 32 -> 1 prediction in fp32 even under autocast: bf16 scores tie often, and the
-        # ranking counts ties against the positive
+        # ranking counts ties against the positive; the map is 1 x 1 by now
         with torch.autocast(hidden.device.type, enabled=False):
-            return self.predict(self.dropout(hidden.flatten(1).float())).view(items.shape)
+            return self.predict(self.dropout(hidden.reshape(-1, hidden.shape[-1]).float())).view(items.shape)
 
-    def _first_layers(self, p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def _first_layers(self, p: torch.Tensor, index: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, int]:
         """The first convolution (kernel = stride = k) without building the map, and the second
         too when it is a patch layer (kernel = stride = g): with a = g A + i, b = g B + j,
         conv1(p q^T)[c, a, b] = sum_j' L[a, j', c] q[k b + j'], L = sum_i' W[c, i', j'] p[k a + i']
-        depends on the user only, so L is computed once per row of candidates (a triple's positive
-        and negative, an evaluation list's 1 + K, a catalogue chunk), and one bmm per (row, A)
-        writes every candidate's first-layer map already in the second layer's patch order
-        [B, (j, i, c)]; the bias rides along as an extra contraction term, so its gradient is
-        part of the bmm's instead of a reduction over the largest tensor. Returns the map,
-        transposed channels-last [N, b, a, C], and how many later layers it has done."""
+        depends on the user only, so L is computed once per distinct user (p: their embeddings;
+        row r of candidates has user index[r]), and one bmm per (row, A) (a unit) writes every
+        candidate's first-layer map already in the second layer's patch order [B, (j, i, c)];
+        the bias rides along as an extra contraction term, so its gradient is part of the
+        bmm's instead of a reduction over the largest tensor. Returns the map, transposed
+        channels-last [rows, candidates, b, a, C] (a permuted view), and how many later layers
+        it has done."""
         first, size = self.convs[0], self.config["embedding_size"]
         k, blocks, channels = first.stride[0], size // first.stride[0], first.out_channels
         second = bool(self.patch_layers) and self.patch_layers[0]
         g = self.convs[1].stride[0] if second else 1
-        rows, candidates = q.shape[0], q.shape[1]
-        user_side = torch.einsum("bai,cij->bjac", p.view(rows, blocks, k), first.weight.squeeze(1))
-        bias = first.bias.view(1, 1, 1, channels).expand(rows, 1, blocks, channels)
-        user_side = torch.cat([user_side, bias], dim=1)  # [rows, j' (+ bias), a, c]
-        user_side = user_side.view(rows, k + 1, blocks // g, g * channels).transpose(1, 2)
-        user_side = user_side.reshape(rows * (blocks // g), k + 1, g * channels)
+        users, (rows, candidates) = p.shape[0], q.shape[:2]
+        user_side = torch.einsum("uai,cij->ujac", p.view(users, blocks, k), first.weight.squeeze(1))
+        bias = first.bias.view(1, 1, 1, channels).expand(users, 1, blocks, channels)
+        user_side = torch.cat([user_side, bias], dim=1)  # [users, j' (+ bias), a, c]
+        user_side = user_side.view(users, k + 1, blocks // g, g * channels).transpose(1, 2)
+        user_side = user_side.reshape(users * (blocks // g), k + 1, g * channels)  # [(user, A), j', (i, c)]
         item_side = torch.cat([q.view(rows, candidates, blocks, k), q.new_ones(rows, candidates, blocks, 1)], dim=3)
-        item_side = item_side.unsqueeze(1).expand(rows, blocks // g, candidates, blocks, k + 1)
-        item_side = item_side.reshape(rows * (blocks // g), candidates * blocks, k + 1)
+        item_side = item_side.view(rows, candidates * blocks, k + 1)
+        # unit (row, A) uses user_side[index[row] * blocks // g + A]
+        user_units = (index.unsqueeze(1) * (blocks // g) + torch.arange(blocks // g, device=index.device)).view(-1)
         if second:
             conv = self.convs[1]
             weight = conv.weight.permute(0, 3, 2, 1).reshape(conv.out_channels, -1)  # [C', (j, i, c)]
             dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else user_side.dtype
-            hidden = first_two_layers(item_side.to(dtype), user_side.to(dtype), weight.to(dtype),
+            hidden = first_two_layers(item_side.to(dtype), user_side.to(dtype), user_units, weight.to(dtype),
                                       conv.bias.to(dtype))
             channels = conv.out_channels
-        else:
-            hidden = F.relu(torch.bmm(item_side.to(user_side.dtype), user_side))  # bf16 under autocast
+        else:  # bf16 under autocast
+            hidden = F.relu(torch.bmm(item_side.repeat_interleave(blocks // g, dim=0).to(user_side.dtype),
+                                      user_side.index_select(0, user_units)))
         # [rows, A, candidates, B, C]
-        hidden = hidden.view(rows, blocks // g, candidates, blocks // g, channels)
-        hidden = hidden.permute(0, 2, 3, 1, 4).reshape(rows * candidates, blocks // g, blocks // g, channels)
+        # [rows, A, candidates, B, C] viewed as [rows, candidates, B, A, C]: the next patch
+        # layer's one copy reorders it into its patches (a second copy here would be a pass
+        # over the map, forward and backward)
+        hidden = hidden.view(rows, blocks // g, candidates, blocks // g, channels).permute(0, 2, 3, 1, 4)
         return hidden, int(second)
 
     @staticmethod
     def _patch_conv(hidden: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-        """A kernel = stride convolution of a transposed channels-last map [N, b, a, C] as one
-        GEMM over its non-overlapping patches (faster on CPU than oneDNN's small convolutions
-        with their backward and the layout changes around them)."""
-        k, (n, rows, cols, channels) = conv.stride[0], hidden.shape
-        patches = hidden.reshape(n, rows // k, k, cols // k, k, channels).permute(0, 1, 3, 2, 4, 5)
+        """A kernel = stride convolution of transposed channels-last maps [..., b, a, C] (any
+        strides) as one GEMM over their non-overlapping patches (faster on CPU than oneDNN's
+        small convolutions with their backward and the layout changes around them)."""
+        k, (*lead, rows, cols, channels) = conv.stride[0], hidden.shape
+        patches = hidden.unflatten(-3, (rows // k, k)).unflatten(-2, (cols // k, k)).transpose(-4, -3)
         weight = conv.weight.permute(0, 3, 2, 1).reshape(conv.out_channels, -1)  # [C', (j, i, c)]
         out = F.linear(patches.reshape(-1, k * k * channels), weight, conv.bias)
-        return out.view(n, rows // k, cols // k, conv.out_channels)
+        return out.view(*lead, rows // k, cols // k, conv.out_channels)
 
     def reg_loss(self) -> torch.Tensor:
         embeddings, layers = self.config["reg_weights"]

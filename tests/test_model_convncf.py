@@ -19,7 +19,11 @@ def recbole_forward(model: ConvNCF, user: torch.Tensor, item: torch.Tensor) -> t
 
 
 @pytest.mark.parametrize("config", [{}, RECBOLE, dict(embedding_size=8, cnn_channels=[4, 5], cnn_kernels=[3, 3],
-                                                       cnn_strides=[2, 3])])
+                                                       cnn_strides=[2, 3]),
+                                    # split first layer, then a convolution that is not a patch GEMM
+                                    dict(embedding_size=8, cnn_channels=[4, 5], cnn_kernels=[2, 4], cnn_strides=[2, 1]),
+                                    dict(embedding_size=16, cnn_channels=[4, 5, 3], cnn_kernels=[2, 2, 4],
+                                         cnn_strides=[2, 2, 1])])
 def test_candidate_lists_score_like_recboles_pairs(config):
     torch.manual_seed(0)
     model = ConvNCF(20, 30, **config).eval()
@@ -64,6 +68,29 @@ def test_gradients_equal_recboles(config):
     model.zero_grad()
     distance = recbole_forward(model, batch.user, batch.positive) - recbole_forward(model, batch.user, batch.negative)
     (torch.nn.functional.softplus(-distance).sum() + model.reg_loss()).backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(ours[name], param.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_batch_repeating_its_users_scores_and_trains_like_recboles_pairs():
+    """The user side is computed once per distinct user of a batch (most triples share their
+    user with others): rows in any order, a user in many rows, and rows over several chunks
+    still give RecBole's per-pair scores and every parameter's gradient."""
+    torch.manual_seed(4)
+    model = ConvNCF(9, 60, dropout=0.0, **RECBOLE)
+    user = torch.tensor([7, 2, 7, 7, 0, 2, 7, 5, 0, 7] * 4)  # 4 distinct users in 40 rows, 160 chunk units
+    batch = PairwiseBatch(user, torch.randint(0, 60, (40,)), torch.randint(0, 60, (40,)))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval().score(user, torch.stack([batch.positive, batch.negative], 1)),
+                                   torch.stack([recbole_forward(model, user, batch.positive),
+                                                recbole_forward(model, user, batch.negative)], 1),
+                                   rtol=1e-5, atol=1e-6)
+    model.train().loss(batch, step=0).backward()
+    ours = {name: param.grad.clone() for name, param in model.named_parameters()}
+    model.zero_grad()
+    distance = recbole_forward(model, user, batch.positive) - recbole_forward(model, user, batch.negative)
+    (torch.nn.functional.softplus(-distance).sum() + model.reg_loss()).backward()
+    assert ours["user_embedding.weight"][[0, 2, 5, 7]].abs().min() > 0  # every batch user's row got its sum
     for name, param in model.named_parameters():
         torch.testing.assert_close(ours[name], param.grad, rtol=1e-4, atol=1e-5, msg=name)
 
