@@ -27,8 +27,9 @@ import sys
 import time
 from pathlib import Path
 
+from device import add_device_argument, require_device  # benchmarks/device.py
+
 REPO = Path(__file__).resolve().parents[1]
-RECBOLE_PYTHON = REPO / ".venv-recbole" / "bin" / "python"
 STACK = ["--embedding-size", "64", "--cnn-channels", "32", "32", "32", "32", "--cnn-kernels", "4", "4", "2", "2",
          "--cnn-strides", "4", "4", "2", "2", "--dropout", "0.2", "--reg-weights", "0.1", "0.1"]
 TRIPLES = 2048  # RecBole's train_batch_size: (user, positive, negative) triples per step
@@ -44,7 +45,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "chunked bf16 GEMMs were slower)")
     p.add_argument("--out", type=Path, default=Path("/tmp/merlin-ncf-convncf-bench"),
                    help="runs, convncf.json and convncf.png go here")
-    return p.parse_args(argv)
+    p.add_argument("--recbole-python", type=Path, default=REPO / ".venv-recbole" / "bin" / "python",
+                   help="RecBole's interpreter (make recbole-venv)")
+    add_device_argument(p, help="where both sides train: cpu, or cuda (needs a CUDA GPU)")
+    args = p.parse_args(argv)
+    require_device(args.device)
+    if not args.recbole_python.exists():
+        print(f"convncf.py: error: {args.recbole_python} not found: run `make recbole-venv`", file=sys.stderr)
+        raise SystemExit(2)
+    return args
 
 
 def train_ours(args, name: str, *extra: str) -> dict:
@@ -58,7 +67,8 @@ def train_ours(args, name: str, *extra: str) -> dict:
                # all train files in one shuffled chunk, as RecBole shuffles the whole set: the ETL's
                # files hold disjoint users, so one file a chunk trains half the users, then the rest
                "--parts-per-chunk", "64", "--epochs", str(args.epochs),
-               "--patience", "0", "--threads", str(args.threads), "--seed", str(args.seed), "--no-progress", *extra]
+               "--patience", "0", "--threads", str(args.threads), "--seed", str(args.seed), "--no-progress",
+               "--device", args.device, *extra]
     last_epoch = None
     with subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, text=True) as process:
         for line in process.stdout:
@@ -74,10 +84,11 @@ def train_ours(args, name: str, *extra: str) -> dict:
 
 def train_recbole(args) -> dict:
     out = args.out / "recbole.json"
-    subprocess.run([str(RECBOLE_PYTHON), str(REPO / "benchmarks" / "recbole_baseline.py"), "--data", str(args.data),
+    subprocess.run([str(args.recbole_python), str(REPO / "benchmarks" / "recbole_baseline.py"), "--data", str(args.data),
                     "--model", "ConvNCF", "--epochs", str(args.epochs), "--no-validation", "--no-full",
                     "--batch-size", str(TRIPLES), "--lr", "0.001", "--threads", str(args.threads),
-                    "--seed", str(args.seed), "--json", str(out)], check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+                    "--seed", str(args.seed), "--device", args.device, "--json", str(out)],
+                   check=True, cwd=REPO, stdout=subprocess.DEVNULL)
     return json.loads(out.read_text())
 
 

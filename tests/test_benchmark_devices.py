@@ -11,6 +11,7 @@ from conftest import run_command
 # The least each command line needs to get past argparse: anything that fails later than the
 # device check (a missing --data) would still be a one-line exit 2, so the message is checked.
 BENCHMARKS = {
+    "convncf.py": ["--data", "{tmp}/no-data", "--out", "{tmp}/out"],
     "etl.py": [],
     "train.py": [],
     "serving.py": ["--data", "{tmp}/no-data", "--run", "{tmp}/no-run"],
