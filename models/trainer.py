@@ -388,6 +388,7 @@ class Trainer:
         torch.manual_seed(rank_seed(options.seed, epoch, context.rank))  # dropout
         steps, batches = self.batches(epoch, check_input)
         accumulation = options.grad_accumulation
+        total_steps = options.epochs * math.ceil(steps / accumulation)  # the lr schedule's length
         self.model.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         samples = 0
@@ -405,8 +406,7 @@ class Trainer:
                     self.scaler.scale(loss / accumulation).backward()
                 if boundary:
                     if options.lr_schedule != "constant":
-                        total = options.epochs * math.ceil(steps / accumulation)
-                        lr = options.lr * lr_factor(options.lr_schedule, self.state.steps, total)
+                        lr = options.lr * lr_factor(options.lr_schedule, self.state.steps, total_steps)
                         for optimizer in self.optimizers.values():
                             for group in optimizer.param_groups:
                                 group["lr"] = lr

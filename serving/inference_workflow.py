@@ -216,7 +216,8 @@ class RequestEncoder:
         return self.workflow.raw_ids(self.user_column, self.workflow.vocabulary(self.user_column)[:1])
 
     def _encode(self, users: np.ndarray, items: np.ndarray) -> dict[str, np.ndarray]:
-        """Both columns through the workflow (at start-up, to build the lookup)."""
+        """Both columns through the workflow: at start-up to build the lookup, then for ids
+        the lookup has not seen (_look_up)."""
         encoded = self.workflow.transform({self.user_column: users, self.item_column: items})
         return {column: values.astype(np.int64, copy=False) for column, values in encoded.items()}
 
