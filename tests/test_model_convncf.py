@@ -7,7 +7,8 @@ import torch
 from merlin_ncf.models.contract import PairwiseBatch
 from merlin_ncf.models.convncf import ConvNCF
 
-RECBOLE = dict(cnn_channels=[32] * 4, cnn_kernels=[4, 4, 2, 2], cnn_strides=[4, 4, 2, 2])
+RECBOLE = dict(cnn_channels=[32] * 4, cnn_kernels=[4, 4, 2, 2], cnn_strides=[4, 4, 2, 2])  # the default
+PAPER = dict(cnn_channels=[32] * 6, cnn_kernels=[2] * 6, cnn_strides=[2] * 6)
 
 
 def recbole_forward(model: ConvNCF, user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
@@ -18,7 +19,7 @@ def recbole_forward(model: ConvNCF, user: torch.Tensor, item: torch.Tensor) -> t
     return model.predict(grid.sum(dim=(2, 3))).squeeze(-1)
 
 
-@pytest.mark.parametrize("config", [{}, RECBOLE, dict(embedding_size=8, cnn_channels=[4, 5], cnn_kernels=[3, 3],
+@pytest.mark.parametrize("config", [PAPER, RECBOLE, dict(embedding_size=8, cnn_channels=[4, 5], cnn_kernels=[3, 3],
                                                        cnn_strides=[2, 3]),
                                     # split first layer, then a convolution that is not a patch GEMM
                                     dict(embedding_size=8, cnn_channels=[4, 5], cnn_kernels=[2, 4], cnn_strides=[2, 1]),
@@ -56,7 +57,7 @@ def test_loss_is_recboles_bpr_sum_plus_l2_norms():
         torch.testing.assert_close(model.loss(batch, step=0), bpr + reg)
 
 
-@pytest.mark.parametrize("config", [{}, RECBOLE])
+@pytest.mark.parametrize("config", [PAPER, RECBOLE])
 def test_gradients_equal_recboles(config):
     """The fused first layers (recomputed in backward, chunked) give autograd's gradients of
     RecBole's forward, for every parameter, across several chunks."""
@@ -95,10 +96,13 @@ def test_a_batch_repeating_its_users_scores_and_trains_like_recboles_pairs():
         torch.testing.assert_close(ours[name], param.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_defaults_are_the_papers_stack_and_bad_stacks_are_refused():
+def test_defaults_are_recboles_stack_and_bad_stacks_are_refused():
     model = ConvNCF(3, 3)
-    assert model.config["embedding_size"] == 64 and model.config["cnn_channels"] == [32] * 6
-    assert [conv.stride for conv in model.convs] == [(2, 2)] * 6
+    assert model.config["embedding_size"] == 64 and model.config["cnn_channels"] == [32] * 4
+    assert [conv.stride for conv in model.convs] == [conv.kernel_size for conv in model.convs] == [
+        (4, 4), (4, 4), (2, 2), (2, 2)]
+    paper = ConvNCF(3, 3, cnn_channels=[32] * 6, cnn_kernels=[2] * 6, cnn_strides=[2] * 6)
+    assert len(paper.convs) == 6
     with pytest.raises(ValueError, match="1x1"):
         ConvNCF(3, 3, cnn_channels=[32], cnn_kernels=[2], cnn_strides=[2])
     with pytest.raises(ValueError, match="one value per layer"):
