@@ -3,7 +3,9 @@ following RecBole's ConvNCF: user and item embeddings (64), their outer product 
 interaction map, a stack of ReLU convolutions down to 1 x 1, dropout and a linear prediction
 layer; BPR loss summed over the batch's (user, positive, negative) triples plus RecBole's L2
 term, reg_weights[0] x (norm of each embedding table) + reg_weights[1] x (norm of each
-conv / prediction weight). Initialisation is torch's default, as in RecBole.
+conv / prediction weight). Initialisation is torch's default, as in RecBole, or with
+--pretrained-mf the user and item embeddings of a trained GMF (or NeuMF) run, the paper's
+initialisation (it pre-trains them with MF).
 
 Defaults are RecBole's stack, four convolutions of 32 channels with kernels = strides 4, 4, 2, 2:
 a training step of 2,048 triples costs ~0.2 s on one core here, the paper's six 2 x 2 stride-2
@@ -32,6 +34,8 @@ mismatched layouts, took 40% of a step. Figures: docs/benchmarks.md (benchmarks/
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -303,10 +307,15 @@ class ConvNCF(Recommender):
         group.add_argument("--dropout", type=float, default=0.2, help="dropout before the prediction layer")
         group.add_argument("--reg-weights", type=float, nargs=2, default=[0.1, 0.1],
                            help="L2 weights of the embedding tables and of the layer weights (RecBole's)")
+        group.add_argument("--pretrained-mf", type=Path,
+                           help="a GMF (or NeuMF) checkpoint of this data whose user and item embeddings, of "
+                                "--embedding-size, initialise the model's (the paper's pre-training)")
 
     @classmethod
     def check_arguments(cls, args) -> None:
         cls(1, 1, **cls._options(args))  # the constructor's checks, on a 1 x 1 model
+        if args.pretrained_mf is not None and getattr(args, "resume", False):
+            raise ValueError("--pretrained-mf initialises a new run (not with --resume)")
 
     @classmethod
     def _options(cls, args) -> dict:
@@ -315,5 +324,29 @@ class ConvNCF(Recommender):
 
     @classmethod
     def from_args(cls, args, data: DataFacts) -> "ConvNCF":
-        return cls(data.num_users, data.num_items, **cls._options(args))
+        model = cls(data.num_users, data.num_items, **cls._options(args))
+        if args.pretrained_mf is not None:
+            model.load_mf_embeddings(args.pretrained_mf)
+        return model
+
+    def load_mf_embeddings(self, path: Path) -> None:
+        """Copy a trained GMF's (or NeuMF's GMF branch's) user and item tables into this model's
+        embeddings, refusing in one TrainingError a checkpoint of another shape or model."""
+        from merlin_ncf.models import checkpoint as ckpt
+        from merlin_ncf.models.errors import TrainingError
+
+        state = ckpt.load(path)
+        try:
+            weights = state["model"]["state"]
+            user, item = weights["gmf_user.weight"], weights["gmf_item.weight"]
+        except (KeyError, TypeError):
+            raise TrainingError(f"--pretrained-mf {path}: not a GMF or NeuMF checkpoint (no GMF embeddings)") from None
+        if user.shape != self.user_embedding.weight.shape or item.shape != self.item_embedding.weight.shape:
+            raise TrainingError(f"--pretrained-mf {path}: its embeddings are {tuple(user.shape)} users and "
+                                f"{tuple(item.shape)} items, this model's {tuple(self.user_embedding.weight.shape)} "
+                                f"and {tuple(self.item_embedding.weight.shape)} (same data, --embedding-size = "
+                                "its --factors)")
+        with torch.no_grad():
+            self.user_embedding.weight.copy_(user)
+            self.item_embedding.weight.copy_(item)
 

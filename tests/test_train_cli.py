@@ -372,6 +372,32 @@ def test_neumf_pretrained_from_gmf_and_mlp_runs(planted, tmp_path):
     assert json.loads((tmp_path / "neumf" / "config.json").read_text())["model"]["config"]["variant"] == "neumf"
 
 
+def test_convncf_embeddings_from_a_gmf_run_and_mismatches_refused(planted, tmp_path, refused):
+    """--pretrained-mf: the paper's ConvNCF starts from MF-trained embeddings."""
+    from merlin_ncf.models import checkpoint as ckpt
+    from merlin_ncf.models.data import open_etl
+    from merlin_ncf.models.train_ncf import build_model, main, parse_args
+
+    common = ["--data", str(planted), "--epochs", "1", "--batch-size", "2000", "--no-progress"]
+    assert main([*common, "--output", str(tmp_path / "gmf"), "--model", "gmf", "--factors", "8"]) == 0
+    best = tmp_path / "gmf" / "checkpoints" / "best.pt"
+
+    def convncf(size: int, layers: int, checkpoint: Path) -> list[str]:
+        """2 x 2 stride-2 layers of 4 channels down to 1 x 1 from a size x size map"""
+        stack = ["--cnn-channels", *["4"] * layers, "--cnn-kernels", *["2"] * layers, "--cnn-strides", *["2"] * layers]
+        return [*common, "--output", str(tmp_path / "convncf"), "--model", "convncf", "--embedding-size", str(size),
+                *stack, "--pretrained-mf", str(checkpoint)]
+
+    model = build_model(parse_args(convncf(8, 3, best)), open_etl(planted))
+    gmf = ckpt.load(best)["model"]["state"]
+    torch.testing.assert_close(model.user_embedding.weight, gmf["gmf_user.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(model.item_embedding.weight, gmf["gmf_item.weight"], rtol=0, atol=0)
+    refused(convncf(16, 4, best), "--embedding-size = its --factors")
+    assert main([*common, "--output", str(tmp_path / "mlp"), "--model", "mlp", "--mlp-layers", "16", "8"]) == 0
+    refused(convncf(8, 3, tmp_path / "mlp" / "checkpoints" / "best.pt"), "not a GMF or NeuMF checkpoint")
+    assert not (tmp_path / "convncf").exists()
+
+
 def test_gradient_accumulation_keeps_the_optimizer_batch(planted):
     from merlin_ncf.models.data import open_etl
     from merlin_ncf.models.neumf import NeuMF
