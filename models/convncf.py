@@ -25,9 +25,10 @@ tensor) never goes to memory. Their output stays a permuted view that the next p
 copies once into its patches. Later kernel = stride layers are GEMMs over their patches; all
 of it bf16 under --amp's autocast, the last 32 -> 1 layer in fp32. What is left of a step is
 mostly these GEMMs (docs/benchmarks.md has the split).
-Training is fp32 unless --amp. On this project's 2-core CPU a step of 2,048 triples took
-148 ms in bf16 against 220 ms in fp32 with 1 thread, but 291 against 143 ms with 2 threads
-(unlocked), and a whole locked bf16 epoch was slower than fp32's (docs/benchmarks.md).
+Training is fp32 unless --amp. On this project's 2-core CPU (AVX-512 BF16), one thread, a
+locked ml-latest-small epoch at RecBole's settings takes 6.6 s in bf16 against 8.3 s in fp32
+(RecBole: 73.7 s); with 2 threads an unlocked step took 291 ms in bf16 against 143 ms in fp32
+(docs/benchmarks.md).
 torch.compile (inductor, CPU) took 223 s to compile a step, then ran it 3x slower than eager.
 On the old path (one bmm, then oneDNN convolutions) ReLU's backward over the map, on
 mismatched layouts, took 40% of a step. Figures: docs/benchmarks.md (benchmarks/convncf.py).
