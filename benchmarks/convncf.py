@@ -41,14 +41,15 @@ TRIPLES = 2048  # RecBole's train_batch_size: (user, positive, negative) triples
 
 
 PRECISIONS = {"fp32": [], "bf16": ["--amp"]}  # ours: train_ncf.py's flags per precision
+METRICS = ("hr@10", "ndcg@10", "full_recall@10", "full_ndcg@10")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True, help="ETL output directory (ml-latest-small's)")
     p.add_argument("--epochs", type=int, default=2, help="epochs each side trains (default 2)")
-    # one thread each: RecBole ran 79.8 s an epoch with 1 and 42.8 s with 2, ours 8.7 and 6.4 s
-    # (docs/benchmarks.md); either count is a fair pair, the same on both sides
+    # the same count on both sides is a fair pair; RecBole gains more from a second thread than
+    # ours (docs/benchmarks.md: 6.7x at 2 threads in fp32, 8.9x at 1), so quote the count
     p.add_argument("--threads", type=int, default=1, help="torch threads, both sides (default 1)")
     p.add_argument("--seed", type=int, default=2020, help="seed of the first repeat, both sides (default 2020)")
     p.add_argument("--repeats", type=int, default=1, help="runs of every row, seeds --seed, --seed + 1, ... (default 1)")
@@ -61,6 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_device_argument(p, help="where both sides train: cpu, or cuda (needs a CUDA GPU)")
     args = p.parse_args(argv)
     require_device(args.device)
+    args.precisions = list(dict.fromkeys(args.precisions))  # a row per precision, however often named
     if args.epochs < 1 or args.repeats < 1 or args.threads < 1:
         print("convncf.py: error: --epochs, --repeats and --threads must be at least 1", file=sys.stderr)
         raise SystemExit(2)
@@ -118,11 +120,10 @@ def summarise(runs: dict[str, list[dict]]) -> list[dict]:
     rows = []
     for name, side in runs.items():
         row = {"name": name, "s_per_epoch": statistics.fmean([s for run in side for s in run["epoch_seconds"]])}
-        for metric in ("hr@10", "ndcg@10", "full_recall@10", "full_ndcg@10"):
-            values = [run["test"][metric] for run in side if metric in run["test"]]
-            if values:
-                row[metric] = mean_and_error(values)
-        row["hr@10 per repeat"] = [run["test"]["hr@10"] for run in side]
+        for metric in METRICS:
+            if all(metric in run["test"] for run in side):  # RecBole has no full ranking
+                row[metric] = mean_and_error([run["test"][metric] for run in side])
+        row["hr@10_per_repeat"] = [run["test"]["hr@10"] for run in side]
         rows.append(row)
     for row in rows:
         row["speedup"] = rows[0]["s_per_epoch"] / row["s_per_epoch"]
@@ -175,11 +176,10 @@ def main(argv=None) -> int:
     print(f"ConvNCF on {args.data}, {args.epochs} epoch(s) each, {args.threads} thread(s), {args.repeats} repeat(s) "
           f"(seeds {args.seed}-{args.seed + args.repeats - 1}), load average {load_start[0]:.1f} at start, "
           f"{load_end[0]:.1f} at end")
-    metrics = ("hr@10", "ndcg@10", "full_recall@10", "full_ndcg@10")
-    print(f"{'':22} {'s/epoch':>8} {'speed-up':>8} " + " ".join(f"{m:>{width}}" for m in metrics))
+    print(f"{'':22} {'s/epoch':>8} {'speed-up':>8} " + " ".join(f"{m:>{width}}" for m in METRICS))
     for row in rows:
         print(f"{row['name']:22} {row['s_per_epoch']:8.1f} {row['speedup']:7.1f}x "
-              + " ".join(cell(row, m, width) for m in metrics))
+              + " ".join(cell(row, m, width) for m in METRICS))
     for name, side in runs.items():
         if name.startswith("ours"):
             final = statistics.fmean(run["final_evaluation_s"] for run in side)

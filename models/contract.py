@@ -103,6 +103,9 @@ class Recommender(nn.Module):
     # may be sparse and updated row-wise (--optimizer sparse-adam).
     sparse_embeddings: ClassVar[bool] = False
     score_all_chunk: ClassVar[int] = 2**20  # (user, item) pairs per score() call in score_all
+    # Its options (dest names) that only initialise a new training run from another run's
+    # weights: --mode test, which builds no new model, refuses them rather than ignore them.
+    init_options: ClassVar[tuple[str, ...]] = ()
     config: dict
 
     def __init_subclass__(cls, **kwargs):

@@ -27,8 +27,7 @@ of it bf16 under --amp's autocast, the last 32 -> 1 layer in fp32. What is left 
 mostly these GEMMs (docs/benchmarks.md has the split).
 Training is fp32 unless --amp. On this project's 2-core CPU (AVX-512 BF16), one thread, a
 locked ml-latest-small epoch at RecBole's settings takes 6.6 s in bf16 against 8.3 s in fp32
-(RecBole: 73.7 s); with 2 threads an unlocked step took 291 ms in bf16 against 143 ms in fp32
-(docs/benchmarks.md).
+(RecBole: 73.7 s; docs/benchmarks.md).
 torch.compile (inductor, CPU) took 223 s to compile a step, then ran it 3x slower than eager.
 On the old path (one bmm, then oneDNN convolutions) ReLU's backward over the map, on
 mismatched layouts, took 40% of a step. Figures: docs/benchmarks.md (benchmarks/convncf.py).
@@ -155,6 +154,7 @@ def first_two_layers(item: torch.Tensor, user: torch.Tensor, user_units: torch.T
 
 class ConvNCF(Recommender):
     input_type = "pairwise"
+    init_options = ("pretrained_mf",)
     # RecBole's: Adam lr 1e-3 (default betas), 2,048 triples (4,096 scored pairs) per batch.
     # The first-layer map is built chunk by chunk (CHUNK_ELEMENTS); what a scored pair keeps is
     # its second layer's output (512 values with RecBole's stack), so 2^14 pairs take ~32 MB and
@@ -309,8 +309,9 @@ class ConvNCF(Recommender):
         group.add_argument("--reg-weights", type=float, nargs=2, default=[0.1, 0.1],
                            help="L2 weights of the embedding tables and of the layer weights (RecBole's)")
         group.add_argument("--pretrained-mf", type=Path,
-                           help="a GMF (or NeuMF) checkpoint of this data whose user and item embeddings, of "
-                                "--embedding-size, initialise the model's (the paper's pre-training)")
+                           help="GMF or NeuMF checkpoint of this data (RUN/checkpoints/best.pt) to initialise the "
+                                "user and item embeddings from, the paper's pre-training; its --factors must equal "
+                                "--embedding-size")
 
     @classmethod
     def check_arguments(cls, args) -> None:
@@ -336,7 +337,10 @@ class ConvNCF(Recommender):
         from merlin_ncf.models import checkpoint as ckpt
         from merlin_ncf.models.errors import TrainingError
 
-        state = ckpt.load(path)
+        try:
+            state = ckpt.load(path)
+        except TrainingError as exc:
+            raise TrainingError(f"--pretrained-mf: {exc}") from None
         try:
             weights = state["model"]["state"]
             user, item = weights["gmf_user.weight"], weights["gmf_item.weight"]

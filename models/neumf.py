@@ -33,6 +33,7 @@ class NeuMF(Recommender):
     input_type = "pointwise"
     output = "logit"
     sparse_embeddings = True
+    init_options = ("pretrained_gmf", "pretrained_mlp")
 
     def __init__(
         self,

@@ -186,6 +186,10 @@ def check_combinations(args: argparse.Namespace, p: Parser, cls) -> None:
             p.error("--protocol vae-cf is evaluated at the end of training, not by --mode test")
         if args.resume or args.force:
             p.error("--resume/--force train; --mode test only evaluates a checkpoint")
+        given = [name for name in cls.init_options if getattr(args, name, None) is not None]
+        if given:
+            p.error(f"--{given[0].replace('_', '-')} initialises a new training run; --mode test only evaluates "
+                    "a checkpoint")
         if args.checkpoint is None and args.output is None:
             p.error("--mode test needs --checkpoint or an --output run directory")
         return

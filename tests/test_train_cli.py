@@ -247,6 +247,8 @@ def assert_user_error(result, fragment):
     (["--mode", "test", "--resume"], "--mode test only evaluates"),
     (["--resume", "--force"], "pick one"),
     (["--pretrained-gmf", "x.pt"], "needs both"),
+    (["--mode", "test", "--model", "convncf", "--pretrained-mf", "x.pt"], "--pretrained-mf initialises a new"),
+    (["--mode", "test", "--pretrained-gmf", "g.pt", "--pretrained-mlp", "m.pt"], "--pretrained-gmf initialises"),
     (["--batch-size", "4"], "no positive per micro-batch"),
 ])
 def test_impossible_options_are_refused_before_reading_anything(planted, tmp_path, args, fragment):
@@ -395,6 +397,7 @@ def test_convncf_embeddings_from_a_gmf_run_and_mismatches_refused(planted, tmp_p
     refused(convncf(16, 4, best), "--embedding-size = its --factors")
     assert main([*common, "--output", str(tmp_path / "mlp"), "--model", "mlp", "--mlp-layers", "16", "8"]) == 0
     refused(convncf(8, 3, tmp_path / "mlp" / "checkpoints" / "best.pt"), "not a GMF or NeuMF checkpoint")
+    refused(convncf(8, 3, tmp_path / "missing.pt"), "--pretrained-mf: checkpoint")
     assert not (tmp_path / "convncf").exists()
 
 
