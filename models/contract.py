@@ -104,7 +104,8 @@ class Recommender(nn.Module):
     sparse_embeddings: ClassVar[bool] = False
     score_all_chunk: ClassVar[int] = 2**20  # (user, item) pairs per score() call in score_all
     # Its options (dest names) that only initialise a new training run from another run's
-    # weights: --mode test, which builds no new model, refuses them rather than ignore them.
+    # weights: --mode test and --resume, which build no new model, refuse them rather than
+    # ignore them (train_ncf.py check_combinations).
     init_options: ClassVar[tuple[str, ...]] = ()
     config: dict
 

@@ -316,8 +316,6 @@ class ConvNCF(Recommender):
     @classmethod
     def check_arguments(cls, args) -> None:
         cls(1, 1, **cls._options(args))  # the constructor's checks, on a 1 x 1 model
-        if args.pretrained_mf is not None and getattr(args, "resume", False):
-            raise ValueError("--pretrained-mf initialises a new run (not with --resume)")
 
     @classmethod
     def _options(cls, args) -> dict:

@@ -159,8 +159,8 @@ class NeuMF(Recommender):
     def check_arguments(cls, args) -> None:
         if (args.pretrained_gmf is None) != (args.pretrained_mlp is None):
             raise ValueError("pre-training needs both --pretrained-gmf and --pretrained-mlp")
-        if args.pretrained_gmf is not None and (args.variant != "neumf" or getattr(args, "resume", False)):
-            raise ValueError("--pretrained-gmf/--pretrained-mlp initialise a new --variant neumf run (not with --resume)")
+        if args.pretrained_gmf is not None and args.variant != "neumf":
+            raise ValueError("--pretrained-gmf/--pretrained-mlp initialise a new --variant neumf run")
         if not 0.0 <= args.alpha <= 1.0:
             raise ValueError(f"--alpha must be in [0, 1], got {args.alpha}")
         check_mlp_arguments(args, needs_mlp=args.variant != "gmf")

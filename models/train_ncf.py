@@ -181,15 +181,14 @@ def check_combinations(args: argparse.Namespace, p: Parser, cls) -> None:
                 "(multvae can)")
     if args.heldout_users is not None and args.protocol != "vae-cf":
         p.error("--heldout-users is for --protocol vae-cf")
+    initialising = [f"--{name.replace('_', '-')}" for name in cls.init_options if getattr(args, name, None) is not None]
     if args.mode == "test":
         if args.protocol == "vae-cf":
             p.error("--protocol vae-cf is evaluated at the end of training, not by --mode test")
         if args.resume or args.force:
             p.error("--resume/--force train; --mode test only evaluates a checkpoint")
-        given = [name for name in cls.init_options if getattr(args, name, None) is not None]
-        if given:
-            p.error(f"--{given[0].replace('_', '-')} initialises a new training run; --mode test only evaluates "
-                    "a checkpoint")
+        if initialising:
+            p.error(f"{initialising[0]} initialises a new training run; --mode test only evaluates a checkpoint")
         if args.checkpoint is None and args.output is None:
             p.error("--mode test needs --checkpoint or an --output run directory")
         return
@@ -199,6 +198,8 @@ def check_combinations(args: argparse.Namespace, p: Parser, cls) -> None:
         p.error("--checkpoint is for --mode test; to continue training use --resume")
     if args.resume and args.force:
         p.error("--resume continues the run in --output and --force replaces it: pick one")
+    if args.resume and initialising:
+        p.error(f"{initialising[0]} initialises a new training run (not with --resume)")
     if args.optimizer == "sparse-adam" and not cls.sparse_embeddings:
         p.error(f"--optimizer sparse-adam: --model {args.model} reads its embedding tables whole (or has none); "
                 "use --optimizer adam")

@@ -249,6 +249,9 @@ def assert_user_error(result, fragment):
     (["--pretrained-gmf", "x.pt"], "needs both"),
     (["--mode", "test", "--model", "convncf", "--pretrained-mf", "x.pt"], "--pretrained-mf initialises a new"),
     (["--mode", "test", "--pretrained-gmf", "g.pt", "--pretrained-mlp", "m.pt"], "--pretrained-gmf initialises"),
+    (["--resume", "--model", "convncf", "--pretrained-mf", "x.pt"], "--pretrained-mf initialises a new"),
+    (["--resume", "--pretrained-gmf", "g.pt", "--pretrained-mlp", "m.pt"], "not with --resume"),
+    (["--variant", "gmf", "--pretrained-gmf", "g.pt", "--pretrained-mlp", "m.pt"], "--variant neumf run"),
     (["--batch-size", "4"], "no positive per micro-batch"),
 ])
 def test_impossible_options_are_refused_before_reading_anything(planted, tmp_path, args, fragment):
