@@ -10,7 +10,7 @@ Rows: popularity, EASE, ItemKNN (models/baselines.py), then every trained model 
 positives and scored here on our lists). Every row is scored with the same functions on the
 same arrays: sampled HR@K / NDCG@K over each user's test list (1 positive + the ETL's
 negatives) and full-ranking Recall@K / NDCG@K over all items minus the user's train items
-(models/ranking.py). EASE's l2 is chosen on the validation lists (full NDCG@K) when the ETL
+and validation positive (models/ranking.py history_matrix). EASE's l2 is chosen on the validation lists (full NDCG@K) when the ETL
 wrote them. Fit seconds are each command's wall time (RecBole: data set + training, not its
 scoring on our lists); train samples/s counts positives + negatives (pointwise models),
 (user, positive, negative) triples (ConvNCF) or users (Mult-VAE), as the trainer logs them.
@@ -73,7 +73,7 @@ class Bench:
     """What every row is scored against: the ETL's train matrix and its test/validation lists."""
 
     def __init__(self, data: Path, k: int):
-        from merlin_ncf.models.ranking import SeenItems, read_lists, train_matrix
+        from merlin_ncf.models.ranking import SeenItems, history_matrix, read_lists, train_matrix
         from merlin_ncf.feature_spec import FeatureSpec, FeatureSpecError
 
         try:
@@ -81,16 +81,18 @@ class Bench:
             self.matrix = train_matrix(self.spec)
             self.test = read_lists(self.spec, "test")
             self.validation = read_lists(self.spec, "validation") if self.spec.has_mapping("validation") else None
+            # full ranking excludes what the user did before the positive: test's includes validation
+            self.seen = {split: SeenItems.from_csr(history_matrix(self.spec, split, self.matrix))
+                         for split in ("validation", "test")}
         except (FeatureSpecError, ValueError, OSError) as exc:
             raise UserError(f"{data}: {one_line(exc)}") from None
-        self.seen = SeenItems.from_csr(self.matrix)
         self.k = k
 
-    def evaluate(self, score, score_all, lists=None) -> dict:
+    def evaluate(self, score, score_all, split: str = "test") -> dict:
         from merlin_ncf.models.ranking import evaluate
 
-        users, items = lists or self.test
-        return evaluate(score, score_all, users, items, self.seen, self.spec.first_item_index, self.k)
+        users, items = self.validation if split == "validation" else self.test
+        return evaluate(score, score_all, users, items, self.seen[split], self.spec.first_item_index, self.k)
 
 
 def baseline_rows(bench: Bench, args) -> list[dict]:
@@ -112,7 +114,7 @@ def baseline_rows(bench: Bench, args) -> list[dict]:
             tried = {}
             for l2 in args.ease_l2:
                 candidate = EASE(l2).fit(bench.matrix)
-                tried[l2] = bench.evaluate(candidate.score, candidate.score_all, bench.validation)[f"full_ndcg@{bench.k}"]
+                tried[l2] = bench.evaluate(candidate.score, candidate.score_all, "validation")[f"full_ndcg@{bench.k}"]
             best = max(tried, key=tried.get)
             model = EASE(best).fit(bench.matrix)
             note = f"l2={best:g} by validation full NDCG@{bench.k}"

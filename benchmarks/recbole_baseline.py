@@ -155,13 +155,14 @@ def main(argv=None) -> int:
     from recbole.model import general_recommender
     from recbole.trainer import Trainer
 
-    from merlin_ncf.models.ranking import SeenItems, evaluate, read_lists, train_matrix
+    from merlin_ncf.models.ranking import SeenItems, evaluate, history_matrix, read_lists, train_matrix
 
     torch.set_num_threads(args.threads)
     test_lists = read_lists(spec, "test")
     valid_lists = read_lists(spec, "validation") if spec.has_mapping("validation") and args.validation else None
     reference = MODELS[args.model]
-    seen = SeenItems.from_csr(train_matrix(spec))
+    train = train_matrix(spec)
+    seen = {split: SeenItems.from_csr(history_matrix(spec, split, train)) for split in ("validation", "test")}
     home = os.getcwd()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -194,7 +195,7 @@ def main(argv=None) -> int:
                 record = {"epoch": epoch + 1, "loss": float(loss), "seconds": seconds,
                           "samples_per_s": samples_per_epoch / seconds}
                 if valid_lists is not None:
-                    record["validation"] = evaluate(scorer.score, scorer.score_all, *valid_lists, seen,
+                    record["validation"] = evaluate(scorer.score, scorer.score_all, *valid_lists, seen["validation"],
                                                     spec.first_item_index, args.k, full=False)
                     hr = record["validation"][f"hr@{args.k}"]
                     if hr > best:
@@ -210,7 +211,7 @@ def main(argv=None) -> int:
             if best_state is not None:
                 model.load_state_dict(best_state)
                 best_epoch = max(epochs, key=lambda r: r["validation"][f"hr@{args.k}"])["epoch"]
-            test = evaluate(scorer.score, scorer.score_all, *test_lists, seen, spec.first_item_index, args.k,
+            test = evaluate(scorer.score, scorer.score_all, *test_lists, seen["test"], spec.first_item_index, args.k,
                             full=args.full)
         finally:
             os.chdir(home)

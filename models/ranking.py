@@ -1,5 +1,6 @@
-"""Full-ranking Recall@K and NDCG@K: each held-out positive ranked against ALL items, the
-user's training items and Categorify's reserved indices (< first_index) excluded.
+"""Full-ranking Recall@K and NDCG@K: each held-out positive ranked against ALL items, what
+the user did before it (history_matrix: training items, and for test the validation positive)
+and Categorify's reserved indices (< first_index) excluded.
 
 Sampled metrics (101 candidates, models/metrics.py) can mis-order models (Krichene & Rendle,
 KDD 2020); these rank over the whole catalogue. With one held-out positive per user,
@@ -65,6 +66,20 @@ def train_matrix(spec) -> "scipy.sparse.csr_matrix":  # noqa: F821
     return interaction_matrix(users, items, spec.num_users, spec.num_items)
 
 
+def history_matrix(spec, mapping: str, train=None) -> "scipy.sparse.csr_matrix":  # noqa: F821
+    """What each user did before `mapping`'s positives, as the binary users x items CSR matrix
+    full ranking excludes: the train positives (`train`, when the caller has read them), plus
+    the validation positives when ranking test. The test lists' sampled negatives avoid both
+    (workflows/negatives.py), so full ranking competes the positive against the same items."""
+    train = train_matrix(spec) if train is None else train
+    if mapping != "test" or not spec.has_mapping("validation"):
+        return train
+    users, lists = read_lists(spec, "validation")
+    history = (train + interaction_matrix(users.numpy(), lists[:, 0].numpy(), *train.shape)).tocsr()
+    history.data[:] = 1.0
+    return history
+
+
 def read_lists(spec, mapping: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Users [U] and candidate items [U, 1 + negatives] (positive first) of an ETL output's
     validation or test lists, read like models.data.load_candidates but with pyarrow, so that
@@ -81,7 +96,7 @@ def read_lists(spec, mapping: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 @dataclass
 class SeenItems:
-    """Each user's training items as CSR index arrays (torch), for masking scores."""
+    """Each user's excluded items (history_matrix) as CSR index arrays (torch), for masking scores."""
 
     indptr: torch.Tensor  # [num_users + 1]
     indices: torch.Tensor  # [nnz]

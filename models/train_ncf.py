@@ -398,14 +398,16 @@ def discard_unstarted_run(out: Path, created: bool) -> None:
 
 def test_metrics(trainer, data, test_lists, sampled: tuple[float, float] | None = None) -> dict:
     """The final test metrics: sampled HR@K / NDCG@K on the test lists (`sampled` when the
-    caller has them) and full-ranking Recall@K / NDCG@K over all items but the user's
-    training items and the reserved ids (models/ranking.py)."""
+    caller has them) and full-ranking Recall@K / NDCG@K over all items but what the user did
+    before the test positive (training items, validation positive) and the reserved ids
+    (models/ranking.py)."""
     from merlin_ncf.models.data import train_matrix
-    from merlin_ncf.models.ranking import SeenItems
+    from merlin_ncf.models.ranking import SeenItems, history_matrix
 
     k = trainer.options.topk
     hr, ndcg = sampled if sampled is not None else trainer.evaluate(test_lists)[:2]
-    recall, full_ndcg = trainer.evaluate_full(test_lists, SeenItems.from_csr(train_matrix(data)))
+    seen = SeenItems.from_csr(history_matrix(data.spec, "test", train_matrix(data)))
+    recall, full_ndcg = trainer.evaluate_full(test_lists, seen)
     return {f"hr@{k}": hr, f"ndcg@{k}": ndcg, f"full_recall@{k}": recall, f"full_ndcg@{k}": full_ndcg}
 
 

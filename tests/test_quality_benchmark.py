@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import REPO, run_command
 
@@ -46,15 +47,29 @@ def test_quality_table_has_every_row_with_metrics_in_range(quality):
 
 
 def test_popularity_row_agrees_with_a_pandas_count_of_the_lists(quality, etl_dir):
+    import numpy as np
     import pandas as pd
 
     out, _ = quality
-    train = pd.concat(pd.read_parquet(f) for f in sorted((etl_dir / "train").glob("*.parquet")))
-    lists = pd.concat(pd.read_parquet(f) for f in sorted((etl_dir / "test").glob("*.parquet")))
-    counts = lists["item_id"].map(train["item_id"].value_counts()).fillna(0).to_numpy().reshape(-1, 101)
+    read = lambda split: pd.concat(pd.read_parquet(f) for f in sorted((etl_dir / split).glob("*.parquet")))
+    train, lists, validation = read("train"), read("test"), read("validation")
+    popularity = train["item_id"].value_counts()
+    counts = lists["item_id"].map(popularity).fillna(0).to_numpy().reshape(-1, 101)
     expected = float(((counts[:, 1:] >= counts[:, :1]).sum(axis=1) < K).mean())
     rows = {row["model"]: row for row in json.loads((out / "quality.json").read_text())["rows"]}
     assert rows["popularity"][f"hr@{K}"] == pytest.approx(expected)
+    # Full ranking: the positive against every item the user has not touched before it, i.e.
+    # neither their training items nor their validation positive (ties count against it).
+    positives = lists.iloc[::101]
+    before = pd.concat([train, validation.iloc[::101]]).groupby("user_id")["item_id"].agg(set)
+    catalogue = pd.Series(np.arange(3, int(yaml.safe_load((etl_dir / "feature_spec.yaml").read_text())
+                                         ["feature_spec"]["item_id"]["cardinality"])))
+    count = catalogue.map(popularity).fillna(0).to_numpy()
+    ranks = []
+    for user, item in zip(positives["user_id"], positives["item_id"]):
+        eligible = ~catalogue.isin(before.get(user, set()) - {item}).to_numpy() & (catalogue.to_numpy() != item)
+        ranks.append(int((count[eligible] >= popularity.get(item, 0)).sum()))
+    assert rows["popularity"][f"full_recall@{K}"] == pytest.approx(float(np.mean(np.array(ranks) < K)))
 
 
 def test_quality_refuses_a_directory_that_is_not_an_etl_output(tmp_path):

@@ -356,6 +356,40 @@ def test_trained_run_on_the_etl_fixture_evaluates_validation_then_test(trained_r
     assert scorer(torch.tensor([3, 4]), torch.tensor([5, 6])).dtype == torch.float32
 
 
+def test_full_ranking_of_test_excludes_what_the_user_did_before_it_validation_included(trained_run, etl_dir):
+    """The test positive competes with every item the user has not interacted with, as the test
+    lists' sampled negatives do: the user's training items and validation positive are
+    excluded, whichever the model ranks first. Recomputed here with pandas and numpy."""
+    from merlin_ncf.models import checkpoint as ckpt
+    from merlin_ncf.models.registry import model_from
+
+    def read(split):
+        return pd.concat(pd.read_parquet(f) for f in sorted((etl_dir / split).glob("*.parquet")))
+
+    per_list = yaml.safe_load((etl_dir / "feature_spec.yaml").read_text())["metadata"]["test_samples_per_series"]
+    test, validation = (read(s).iloc[::per_list] for s in ("test", "validation"))  # each list's positive
+    history = pd.concat([read("train"), validation])[["user_id", "item_id"]]
+    model = model_from(ckpt.load(trained_run / "checkpoints" / "best.pt")).eval()
+    nb_items, first, k = json.loads((trained_run / "config.json").read_text())["model"]["config"]["nb_items"], 3, 10
+    with torch.no_grad():
+        users = torch.tensor(test["user_id"].to_numpy())
+        scores = model.score(users, torch.arange(nb_items).expand(len(users), -1))
+    scores = scores.float().numpy()
+    excluded = np.zeros_like(scores, dtype=bool)
+    row_of = {user: row for row, user in enumerate(test["user_id"])}
+    seen = history[history["user_id"].isin(row_of)]
+    excluded[seen["user_id"].map(row_of).to_numpy(), seen["item_id"].to_numpy()] = True
+    excluded[:, :first] = True
+    positives = test["item_id"].to_numpy()
+    excluded[np.arange(len(users)), positives] = False
+    positive_scores = scores[np.arange(len(users)), positives][:, None]
+    ranks = ((scores >= positive_scores) & ~excluded).sum(axis=1) - 1  # ties count against the positive
+    recall, ndcg = (ranks < k).mean(), np.where(ranks < k, 1 / np.log2(ranks + 2), 0).mean()
+    metrics = json.loads((trained_run / "config.json").read_text())["metrics"]
+    assert metrics["full_recall@10"] == pytest.approx(recall, abs=1e-6)
+    assert metrics["full_ndcg@10"] == pytest.approx(ndcg, abs=1e-6)
+
+
 def test_neumf_pretrained_from_gmf_and_mlp_runs(planted, tmp_path):
     from merlin_ncf.models import checkpoint as ckpt
     from merlin_ncf.models.registry import model_from
