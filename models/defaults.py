@@ -73,6 +73,18 @@ def optimizer(batch: int, negatives: int, table_rows: int | None) -> str:
 # Options every model's trainer takes, whatever its size.
 COMMON = {"select": "hr", "weight_decay": 0.0}
 
+# merlin's Loader shuffles rows only within a chunk of --parts-per-chunk partitions, and the ETL's
+# train files keep the log's order: a user-sorted release (every MovieLens) gives each file its
+# own users, so one file per chunk spends part of every epoch on a fraction of the users. Up to
+# CHUNK_ROWS rows (1 GiB of two int64 columns; ml-20m is 20M) a rank's whole shard is one chunk.
+CHUNK_ROWS = 2**26
+
+
+def parts_per_chunk(train_rows: int, train_files: int) -> int:
+    """As many train files (one partition each as the ETL writes them) as fit in CHUNK_ROWS rows."""
+    per_file = max(1, math.ceil(train_rows / max(train_files, 1)))
+    return max(1, min(train_files, CHUNK_ROWS // per_file))
+
 
 def ncf_model_options(large: bool) -> dict:
     """NeuMF's (and its branches') model options at a batch below / from LARGE_BATCH."""
@@ -92,12 +104,12 @@ SIZED_MODEL_OPTIONS = {**dict.fromkeys(("neumf", "gmf", "mlp"), tuple(ncf_model_
 
 
 def resolve(args: argparse.Namespace, train_rows: int, users: int = 0, input_type: str = "pointwise",
-            table_rows: int | None = None, sparse_embeddings: bool = True) -> dict:
-    """Fill every option left at None from the training set's size (positives; users for
-    user-row models; the embedding tables' rows, users + items, for --optimizer, which only
+            table_rows: int | None = None, sparse_embeddings: bool = True, train_files: int = 1) -> dict:
+    """Fill every option left at None from the training set's size (positives and files; users
+    for user-row models; the embedding tables' rows, users + items, for --optimizer, which only
     models with `sparse_embeddings` can take sparse); return the values chosen."""
-    if input_type == "user_rows":
-        return fill(args, {**resolve_user_rows(args, users), **COMMON})
+    if input_type == "user_rows":  # whole rows from a matrix, no Loader: no chunks
+        return fill(args, {**resolve_user_rows(args, users), **COMMON, "parts_per_chunk": 1})
     samples = train_rows * (1 + args.negatives)
     batch = args.batch_size or batch_size(samples)
     large = batch >= LARGE_BATCH
@@ -116,6 +128,7 @@ def resolve(args: argparse.Namespace, train_rows: int, users: int = 0, input_typ
         # and costs a lookup per sample: uniform at every size.
         "negative_sampling": "uniform",
         "optimizer": optimizer(batch, args.negatives, table_rows) if sparse_embeddings else "adam",
+        "parts_per_chunk": parts_per_chunk(train_rows, train_files),
         **ncf_model_options(large),
     }
     return fill(args, chosen)

@@ -137,8 +137,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train")
     train.add_argument("--threads", type=non_negative_int, default=0,
                        help="torch CPU threads per process (0: cores / processes on this node)")
-    train.add_argument("--parts-per-chunk", type=positive_int, default=1,
-                       help="parquet partitions the Loader concatenates and shuffles together")
+    train.add_argument("--parts-per-chunk", type=positive_int,
+                       help="parquet partitions the Loader concatenates and shuffles together "
+                            "(auto: every train file up to 2^26 rows; --resume: the run's)")
     train.add_argument("--max-steps", type=non_negative_int, default=0,
                        help="batches per epoch at most (0: whole epoch), for smoke runs")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -240,7 +241,8 @@ def choose_defaults(args, data, world: int = 1, verbose: bool = False) -> None:
             setattr(args, name, value)
             picked[name] = value
     picked.update(resolve(args, data.train_rows, data.num_users, cls.input_type,
-                          table_rows=data.num_users + data.num_items, sparse_embeddings=cls.sparse_embeddings))
+                          table_rows=data.num_users + data.num_items, sparse_embeddings=cls.sparse_embeddings,
+                          train_files=len(data.train_files)))
     if args.eval_batch_size is None:
         args.eval_batch_size = 2**20
     if args.batch_size // (world * args.grad_accumulation * samples_per_row(cls.input_type, args.negatives)) < 1:
@@ -541,8 +543,9 @@ def main(argv: list[str] | None = None) -> int:
         local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // local_procs))
         resume = check_output(args) if args.mode == "train" else None
-        if resume is not None and args.optimizer is None:  # the run's own, whatever today's default
-            args.optimizer = resume.get("options", {}).get("optimizer", "adam")
+        for name, before in (("optimizer", "adam"), ("parts_per_chunk", 1)):
+            if resume is not None and getattr(args, name) is None:  # the run's own, whatever today's default
+                setattr(args, name, resume.get("options", {}).get(name, before))
         data = open_etl(args.data)
         if args.mode == "test":
             from merlin_ncf.models import checkpoint as ckpt

@@ -94,7 +94,8 @@ def test_size_dependent_defaults_keep_the_papers_ratios_and_yield_to_flags(capsy
 
     def auto(users, *flags):
         args = parse_args(["--data", "ETL", "--output", "RUN", "--model", "multvae", *flags])
-        choose_defaults(args, SimpleNamespace(train_rows=100 * users, num_users=users, num_items=5 * users), verbose=True)
+        choose_defaults(args, SimpleNamespace(train_rows=100 * users, num_users=users, num_items=5 * users,
+                                                   train_files=["part_0.parquet"]), verbose=True)
         return args
 
     small = auto(613)  # ml-latest-small: ~10 steps per epoch instead of the paper's 2
