@@ -33,6 +33,9 @@ from merlin_ncf.errors import EXIT_USER_ERROR, OneLineArgumentParser, UserError,
 
 REPO = Path(__file__).resolve().parents[1]
 PROG = "quality.py"
+# What the test's full ranking excludes (models/ranking.py history_matrix), recorded in quality.json so
+# that --include never mixes rows scored under the earlier rule (training items only).
+FULL_RANKING = "train+validation"
 TRAINED = {"neumf": "NeuMF", "gmf": "GMF", "mlp": "MLP", "multvae": "Mult-VAE", "convncf": "ConvNCF"}
 ALL_MODELS = ("popularity", "ease", "itemknn", *TRAINED, "recbole")
 EASE_GRID = (50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0)
@@ -254,7 +257,7 @@ def write_outputs(rows: list[dict], bench: Bench, args) -> None:
     info = {"data": str(args.data.resolve()), "dataset": spec.metadata.get("dataset"), "k": args.k,
             "users": int(len(bench.test[0])), "items": spec.num_items - spec.first_item_index,
             "train_interactions": int(bench.matrix.nnz), "candidates_per_list": spec.test_samples_per_series,
-            "fingerprint": spec.fingerprint()}
+            "fingerprint": spec.fingerprint(), "full_ranking": FULL_RANKING}
     with atomic_file(args.output / "quality.json") as tmp:
         tmp.write_text(json.dumps({"info": info, "rows": rows}, indent=2) + "\n")
     with atomic_file(args.output / "quality.md") as tmp:
@@ -275,6 +278,9 @@ def included_rows(args, bench: Bench) -> list[dict]:
                 (info.get("users"), info.get("train_interactions")) == (len(bench.test[0]), bench.matrix.nnz))
         if not same or info.get("k") != args.k:
             raise UserError(f"--include {path}: its rows are for other data or another K")
+        if info.get("full_ranking") != FULL_RANKING:
+            raise UserError(f"--include {path}: its full-ranking columns kept the validation positive in the test "
+                            "ranking (files from before 2026-11-24 evening): run those rows again")
         rows += found
     return rows
 

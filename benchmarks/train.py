@@ -117,6 +117,7 @@ def worker(args) -> None:
     from merlin_ncf.models.data import load_candidates, open_etl
     from merlin_ncf.models.ddp import from_environment
     from merlin_ncf.models.neumf import NeuMF
+    from merlin_ncf.models.defaults import parts_per_chunk
     from merlin_ncf.models.trainer import Trainer, TrainOptions
 
     from merlin_ncf.models.train_ncf import choose_device
@@ -130,7 +131,8 @@ def worker(args) -> None:
     config = {"recbole": RECBOLE_SWEEP, "nvidia": NVIDIA}.get(args.config, dict(model=MODEL, options={}))
     model = NeuMF(data.num_users, data.num_items, **config["model"])
     options = TrainOptions(**{"batch_size": args.batch_size, **config["options"]}, amp=args.amp, progress=False,
-                           max_steps=2, negative_sampling=args.negative_sampling[0], optimizer=args.optimizer)
+                           max_steps=2, negative_sampling=args.negative_sampling[0], optimizer=args.optimizer,
+                           parts_per_chunk=parts_per_chunk(data.train_rows, len(data.train_files)))
     trainer = Trainer(model, data, options, device, context)
     if args.config == "nvidia":
         options.max_steps = 1  # a 2^20-sample step warms up as much as two

@@ -33,6 +33,10 @@ def batch_size(samples_per_epoch: int) -> int:
 USER_STEPS_PER_EPOCH = 10
 MAX_USER_BATCH = 500
 USER_EPOCHS, USER_PATIENCE = 200, 20  # the paper's 200 epochs; per-epoch HR@10 is noisy: patience 20
+# From scratch NeuMF, GMF and MLP sit at popularity's validation HR@10 for ~4 epochs (~200 steps
+# at ~50 a epoch) before they climb; patience 3 from epoch 1 stopped MLP at epoch 4, at popularity
+# (docs/training-defaults.md, "Fifth round"). Patience may end a run from epoch MIN_EPOCHS on.
+MIN_EPOCHS = 10
 # The paper anneals the KL weight by 1/200,000 per step over ~200 epochs x 270 steps: it reaches
 # its 0.2 cap 80% into the run. Annealing steps = 4 x the run's steps keeps that ratio at any size.
 ANNEAL_STEPS_PER_STEP = 4
@@ -52,7 +56,7 @@ def resolve_user_rows(args: argparse.Namespace, users: int) -> dict:
     batch = args.batch_size or user_batch_size(users)
     epochs = args.epochs or USER_EPOCHS
     # user-row models read whole tables: dense adam (models/trainer.py sparse_tables)
-    return {"batch_size": batch, "epochs": epochs, "patience": USER_PATIENCE, "optimizer": "adam",
+    return {"batch_size": batch, "epochs": epochs, "patience": USER_PATIENCE, "min_epochs": 0, "optimizer": "adam",
             **user_rows_model_options(users, batch, epochs)}
 
 
@@ -76,12 +80,16 @@ COMMON = {"select": "hr", "weight_decay": 0.0}
 # merlin's Loader shuffles rows only within a chunk of --parts-per-chunk partitions, and the ETL's
 # train files keep the log's order: a user-sorted release (every MovieLens) gives each file its
 # own users, so one file per chunk spends part of every epoch on a fraction of the users. Up to
-# CHUNK_ROWS rows (1 GiB of two int64 columns; ml-20m is 20M) a rank's whole shard is one chunk.
-CHUNK_ROWS = 2**26
+# CHUNK_ROWS rows (ml-20m's 20M fit) a rank's whole shard is one chunk. A chunk of two int64
+# columns is 0.5 GiB, held ~4 times at its peak (the parts and their concat, the shuffled copy,
+# the tensors; a second chunk queued when a shard has several): ~2 GiB per rank, on the GPU
+# when training there.
+CHUNK_ROWS = 2**25
 
 
 def parts_per_chunk(train_rows: int, train_files: int) -> int:
-    """As many train files (one partition each as the ETL writes them) as fit in CHUNK_ROWS rows."""
+    """As many train files as fit in CHUNK_ROWS rows. The ETL writes files of ~2M rows, each one
+    merlin partition (merlin splits only files larger than its part size)."""
     per_file = max(1, math.ceil(train_rows / max(train_files, 1)))
     return max(1, min(train_files, CHUNK_ROWS // per_file))
 
@@ -123,6 +131,7 @@ def resolve(args: argparse.Namespace, train_rows: int, users: int = 0, input_typ
         "beta2": 0.5 if large else 0.999,
         "epochs": 30,
         "patience": 3,
+        "min_epochs": MIN_EPOCHS,
         **COMMON,
         # exclude-seen tied with uniform on ml-latest-small and the demo (docs/training-defaults.md)
         # and costs a lookup per sample: uniform at every size.

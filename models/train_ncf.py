@@ -139,7 +139,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="torch CPU threads per process (0: cores / processes on this node)")
     train.add_argument("--parts-per-chunk", type=positive_int,
                        help="parquet partitions the Loader concatenates and shuffles together "
-                            "(auto: every train file up to 2^26 rows; --resume: the run's)")
+                            "(auto: every train file up to 2^25 rows; --resume: the run's)")
     train.add_argument("--max-steps", type=non_negative_int, default=0,
                        help="batches per epoch at most (0: whole epoch), for smoke runs")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -149,6 +149,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     evaluation.add_argument("--threshold", type=float, default=1.0, help="stop once HR@K reaches this")
     evaluation.add_argument("--patience", type=non_negative_int,
                             help=f"stop after this many epochs without a better --select score, 0: never ({auto})")
+    evaluation.add_argument("--min-epochs", type=non_negative_int,
+                            help=f"--patience cannot stop a run before this epoch ({auto})")
     evaluation.add_argument("--select", choices=SELECT,
                             help=f"validation metric that picks the kept (best) epoch and drives --patience ({auto})")
     evaluation.add_argument("--eval-batch-size", type=positive_int,
@@ -408,7 +410,10 @@ def test_metrics(trainer, data, test_lists, sampled: tuple[float, float] | None 
 
     k = trainer.options.topk
     hr, ndcg = sampled if sampled is not None else trainer.evaluate(test_lists)[:2]
-    seen = SeenItems.from_csr(history_matrix(data.spec, "test", train_matrix(data)))
+    try:  # --mode test reads the validation lists here only
+        seen = SeenItems.from_csr(history_matrix(data.spec, "test", train_matrix(data)))
+    except ValueError as exc:
+        raise TrainingError(f"validation lists (excluded from the test's full ranking): {one_line(exc)}") from None
     recall, full_ndcg = trainer.evaluate_full(test_lists, seen)
     return {f"hr@{k}": hr, f"ndcg@{k}": ndcg, f"full_recall@{k}": recall, f"full_ndcg@{k}": full_ndcg}
 
@@ -543,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
         local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // local_procs))
         resume = check_output(args) if args.mode == "train" else None
-        for name, before in (("optimizer", "adam"), ("parts_per_chunk", 1)):
+        for name, before in (("optimizer", "adam"), ("parts_per_chunk", 1), ("min_epochs", 0)):
             if resume is not None and getattr(args, name) is None:  # the run's own, whatever today's default
                 setattr(args, name, resume.get("options", {}).get(name, before))
         data = open_etl(args.data)

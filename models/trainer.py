@@ -61,6 +61,7 @@ class TrainOptions:
     topk: int = 10
     threshold: float = 1.0
     patience: int = 0
+    min_epochs: int = 0  # patience cannot end a run before this epoch
     select: str = "hr"  # validation metric that picks the best epoch and drives patience: hr, ndcg, hr+ndcg
     seed: int = 0
     eval_batch_size: int = 2**20  # candidates scored per forward pass
@@ -444,7 +445,7 @@ class Trainer:
 
     def fit(self, eval_candidates: Candidates, split: str, on_epoch=None) -> State:
         """Train until options.epochs, the HR threshold or patience (epochs without a better
-        options.select score, which also picks best.pt); call on_epoch(record)
+        options.select score, which also picks best.pt; not before options.min_epochs); call on_epoch(record)
         after each epoch's checkpoint (rank 0 writes them under run_dir/checkpoints)."""
         options, state = self.options, self.state
         first_epoch = state.epoch
@@ -470,7 +471,8 @@ class Trainer:
                 ckpt.save_atomic(self.checkpoint(), *(self.run_dir / "checkpoints" / name for name in kept))
             if on_epoch is not None:
                 on_epoch(record)
-            if hr >= options.threshold or (options.patience and state.stale_epochs >= options.patience):
+            patient = options.patience and state.stale_epochs >= options.patience and epoch + 1 >= options.min_epochs
+            if hr >= options.threshold or patient:
                 break
         return state
 

@@ -29,6 +29,12 @@ def test_the_sized_model_options_are_those_resolve_fills(model, sized):
     assert all(getattr(args, name) is not None for name in sized)
 
 
+def test_early_stopping_waits_out_the_popularity_plateau_except_for_user_row_models():
+    assert auto("neumf")[0].min_epochs == auto("mlp")[0].min_epochs == auto("convncf")[0].min_epochs == 10
+    assert auto("multvae")[0].min_epochs == 0  # patience 20 of 200 epochs already
+    assert auto("mlp", "--min-epochs", "2")[0].min_epochs == 2
+
+
 def test_models_that_read_whole_tables_get_adam_from_the_rules():
     from merlin_ncf.models.defaults import resolve
 

@@ -89,3 +89,9 @@ def test_include_adds_the_rows_of_an_earlier_run_on_the_same_data_only(quality, 
     refused = run_command("benchmarks/quality.py", "--data", str(etl_dir), "--models",
                           "--include", str(tmp_path / "other.json"), check=False)
     assert refused.returncode == 2 and "other data" in refused.stderr
+    older = json.loads((out / "quality.json").read_text())
+    del older["info"]["full_ranking"]  # a file from before the test ranking excluded validation positives
+    (tmp_path / "older.json").write_text(json.dumps(older))
+    refused = run_command("benchmarks/quality.py", "--data", str(etl_dir), "--models",
+                          "--include", str(tmp_path / "older.json"), check=False)
+    assert refused.returncode == 2 and "full-ranking" in refused.stderr and len(refused.stderr.splitlines()) == 1

@@ -387,8 +387,8 @@ def test_full_ranking_of_test_excludes_what_the_user_did_before_it_validation_in
     nb_items, first, k = json.loads((trained_run / "config.json").read_text())["model"]["config"]["nb_items"], 3, 10
     with torch.no_grad():
         users = torch.tensor(test["user_id"].to_numpy())
-        scores = model.score(users, torch.arange(nb_items).expand(len(users), -1))
-    scores = scores.float().numpy()
+        scores = model.score_all(users).float().numpy()  # the trainer's scores: only the exclusion is checked
+    assert scores.shape == (len(users), nb_items) and np.isfinite(scores).all()
     excluded = np.zeros_like(scores, dtype=bool)
     row_of = {user: row for row, user in enumerate(test["user_id"])}
     seen = history[history["user_id"].isin(row_of)]
@@ -402,6 +402,21 @@ def test_full_ranking_of_test_excludes_what_the_user_did_before_it_validation_in
     metrics = json.loads((trained_run / "config.json").read_text())["metrics"]
     assert metrics["full_recall@10"] == pytest.approx(recall, abs=1e-6)
     assert metrics["full_ndcg@10"] == pytest.approx(ndcg, abs=1e-6)
+
+
+def test_mode_test_refuses_broken_validation_lists_in_one_line(trained_run, etl_dir, tmp_path):
+    """--mode test reads the validation positives only to exclude them from the full ranking:
+    lists cut short there are bad input (one line, exit 2), as they are for training."""
+    import shutil
+
+    etl = tmp_path / "etl"
+    shutil.copytree(etl_dir, etl)
+    part = next((etl / "validation").glob("*.parquet"))
+    pd.read_parquet(part).iloc[:-1].to_parquet(part, index=False)
+    result = run([*TRAIN, "--data", etl, "--checkpoint", trained_run / "checkpoints" / "best.pt", "--mode", "test",
+                  "--no-progress"])
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert len(result.stderr.strip().splitlines()) == 1 and "validation" in result.stderr, result.stderr[-2000:]
 
 
 def test_neumf_pretrained_from_gmf_and_mlp_runs(planted, tmp_path):

@@ -114,3 +114,25 @@ def test_checkpoints_that_stored_best_hr_still_resume(planted, tmp_path):
         assert (again.state.best_epoch, again.state.best_hr, again.state.best_score) == \
             (state.best_epoch, state.best_hr, state.best_score)
         assert again.steps_taken == 0 and again.state.steps == state.steps == 4
+
+
+def test_patience_cannot_end_a_run_before_min_epochs(planted):
+    """From scratch, NeuMF's branches sit at popularity's validation HR@10 for their first ~4
+    epochs before they climb; patience counted from epoch 1 stopped MLP there. With weights
+    that cannot move (lr 0) every epoch after the first is stale."""
+    from merlin_ncf.models.data import load_candidates, open_etl
+    from merlin_ncf.models.neumf import NeuMF
+    from merlin_ncf.models.trainer import Trainer, TrainOptions
+
+    data = open_etl(planted)
+    lists = load_candidates(data, "test")
+
+    def epochs_run(**options):
+        model = NeuMF(data.num_users, data.num_items, mf_dim=8, mlp_layers=[16, 16, 8], dropout=0.0)
+        trainer = Trainer(model, data, TrainOptions(epochs=5, batch_size=3000, max_steps=1, lr=0.0, patience=1,
+                                                    progress=False, **options), torch.device("cpu"))
+        state = trainer.fit(lists, "test")
+        return state.epoch, state.best_epoch
+
+    assert epochs_run() == (2, 1)
+    assert epochs_run(min_epochs=4) == (4, 1)
