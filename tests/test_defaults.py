@@ -77,6 +77,12 @@ def test_by_default_every_batch_draws_from_every_train_file_of_a_user_sorted_log
         loader.stop()
 
 
+def test_gmf_and_mlp_keep_one_file_per_chunk_as_measured():
+    assert auto("gmf")[0].parts_per_chunk == auto("mlp")[0].parts_per_chunk == 1
+    assert auto("neumf")[0].parts_per_chunk == auto("convncf")[0].parts_per_chunk == 2
+    assert auto("gmf", "--parts-per-chunk", "2")[0].parts_per_chunk == 2
+
+
 def test_chunks_stay_under_the_row_budget_on_large_train_sets():
     from merlin_ncf.models.defaults import CHUNK_ROWS, parts_per_chunk
 
