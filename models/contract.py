@@ -109,6 +109,12 @@ class Recommender(nn.Module):
     init_options: ClassVar[tuple[str, ...]] = ()
     config: dict
 
+    @classmethod
+    def training_defaults(cls, args) -> dict:
+        """train_defaults for this run's arguments (a model whose options select another
+        model's shape, as NeuMF's --variant, answers for that one)."""
+        return cls.train_defaults
+
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if getattr(cls, "input_type", None) not in INPUT_TYPES:

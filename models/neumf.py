@@ -146,6 +146,10 @@ class NeuMF(Recommender):
         return F.binary_cross_entropy_with_logits(self.forward(batch.user, batch.item).float(), batch.label)
 
     @classmethod
+    def training_defaults(cls, args) -> dict:
+        return {"gmf": GMF, "mlp": MLP}.get(getattr(args, "variant", "neumf"), cls).train_defaults
+
+    @classmethod
     def add_arguments(cls, group) -> None:
         group.add_argument("--variant", choices=VARIANTS, default="neumf",
                            help="the full NeuMF, or its GMF-only / MLP-only branch (same as --model gmf / mlp)")

@@ -139,7 +139,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="torch CPU threads per process (0: cores / processes on this node)")
     train.add_argument("--parts-per-chunk", type=positive_int,
                        help="parquet partitions the Loader concatenates and shuffles together "
-                            "(auto: every train file up to 2^25 rows; --resume: the run's)")
+                            "(auto: every train file up to 2^25 rows, 1 for GMF and MLP; --resume: the run's)")
     train.add_argument("--max-steps", type=non_negative_int, default=0,
                        help="batches per epoch at most (0: whole epoch), for smoke runs")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -238,7 +238,7 @@ def choose_defaults(args, data, world: int = 1, verbose: bool = False) -> None:
 
     cls = model_class(args.model)
     picked = {}
-    for name, value in cls.train_defaults.items():
+    for name, value in cls.training_defaults(args).items():
         if getattr(args, name, 0) is None:
             setattr(args, name, value)
             picked[name] = value
@@ -410,8 +410,9 @@ def test_metrics(trainer, data, test_lists, sampled: tuple[float, float] | None 
 
     k = trainer.options.topk
     hr, ndcg = sampled if sampled is not None else trainer.evaluate(test_lists)[:2]
+    train = train_matrix(data)
     try:  # --mode test reads the validation lists here only
-        seen = SeenItems.from_csr(history_matrix(data.spec, "test", train_matrix(data)))
+        seen = SeenItems.from_csr(history_matrix(data.spec, "test", train))
     except ValueError as exc:
         raise TrainingError(f"validation lists (excluded from the test's full ranking): {one_line(exc)}") from None
     recall, full_ndcg = trainer.evaluate_full(test_lists, seen)

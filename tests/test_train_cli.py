@@ -173,16 +173,17 @@ def test_resume_after_a_kill_matches_the_uninterrupted_run(reference_run, plante
         torch.testing.assert_close(weights[name], expected[name], rtol=0, atol=1e-6)
 
 
-def test_resume_keeps_the_runs_own_data_chunking(planted, tmp_path):
-    """--parts-per-chunk is auto now; a run started with another value (runs from before that
-    recorded 1) resumes in its own data order."""
+def test_resume_keeps_the_runs_own_data_chunking_and_min_epochs(planted, tmp_path):
+    """--parts-per-chunk and --min-epochs are auto now; a run started with other values (runs
+    from before recorded 1 and none) resumes with its own."""
     from merlin_ncf.models.train_ncf import main
 
     common = ["--data", str(planted), "--output", str(tmp_path / "run"), *SMALL]
-    assert main([*common, "--epochs", "1", "--parts-per-chunk", "1"]) == 0
+    assert main([*common, "--epochs", "1", "--parts-per-chunk", "1", "--min-epochs", "0"]) == 0
     assert main([*common, "--epochs", "2", "--resume"]) == 0
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["options"]["parts_per_chunk"] == 1 and len(read_log(tmp_path / "run")) == 2
+    assert config["options"]["min_epochs"] == 0
     assert main(["--data", str(planted), "--output", str(tmp_path / "new"), *SMALL, "--epochs", "1"]) == 0
     assert json.loads((tmp_path / "new" / "config.json").read_text())["options"]["parts_per_chunk"] == 4
 
