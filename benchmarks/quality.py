@@ -10,8 +10,8 @@ Rows: popularity, EASE, ItemKNN (models/baselines.py), then every trained model 
 positives and scored here on our lists). Every row is scored with the same functions on the
 same arrays: sampled HR@K / NDCG@K over each user's test list (1 positive + the ETL's
 negatives) and full-ranking Recall@K / NDCG@K over all items minus the user's train items
-and validation positive (models/ranking.py history_matrix). EASE's l2 is chosen on the validation lists (full NDCG@K) when the ETL
-wrote them. Fit seconds are each command's wall time (RecBole: data set + training, not its
+and validation positive (models/ranking.py history_matrix). EASE's l2 is chosen on the
+validation lists (full NDCG@K) when the ETL wrote them. Fit seconds are each command's wall time (RecBole: data set + training, not its
 scoring on our lists); train samples/s counts positives + negatives (pointwise models),
 (user, positive, negative) triples (ConvNCF) or users (Mult-VAE), as the trainer logs them.
 """

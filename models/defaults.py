@@ -35,7 +35,8 @@ MAX_USER_BATCH = 500
 USER_EPOCHS, USER_PATIENCE = 200, 20  # the paper's 200 epochs; per-epoch HR@10 is noisy: patience 20
 # From scratch GMF and MLP sat at popularity's validation HR@10 for ~4 epochs (~200 steps at ~50
 # an epoch) before they climbed; with the whole set shuffled, patience 3 from epoch 1 stopped MLP
-# at epoch 4, at popularity (docs/training-defaults.md, "Fifth round"). Patience may end a run from epoch MIN_EPOCHS on.
+# at epoch 4, at popularity (docs/training-defaults.md, "Fifth round"). Patience may end a run
+# from epoch MIN_EPOCHS on.
 MIN_EPOCHS = 10
 # The paper anneals the KL weight by 1/200,000 per step over ~200 epochs x 270 steps: it reaches
 # its 0.2 cap 80% into the run. Annealing steps = 4 x the run's steps keeps that ratio at any size.

@@ -312,8 +312,8 @@ class Trainer:
     def evaluate_full(self, candidates: Candidates, seen: SeenItems) -> tuple[float, float]:
         """Full-ranking Recall@K, NDCG@K of each list's positive (column 0) against every item
         but the user's `seen` ones (models/ranking.py history_matrix) and the reserved ids, over
-        all ranks' lists. Costs a
-        score of the whole catalogue per user: the final evaluation only, not every epoch."""
+        all ranks' lists. Costs a score of the whole catalogue per user: the final evaluation
+        only, not every epoch."""
         shard = candidates.shard(self.context.rank, self.context.world)
         model = self.scored.eval()
 
